@@ -1,0 +1,1 @@
+"""Backends: one module per runtime, each behind the small protocol in :mod:`.base`."""

@@ -1,0 +1,565 @@
+"""The engine: bounded admission, per-core dispatch, worker threads, ordered delivery.
+
+It knows nothing of models or backends. A task is an opaque ``payload`` handed to a
+:class:`Runner` (one per worker thread, made in that thread) and a completion function
+called exactly once with ``(result, None)`` or ``(None, error)``.
+
+Two kinds of completion:
+
+* **delivered** (``run_async`` callbacks): handed to the single callback thread, in
+  submission order when ``sequential``; at most ``max_undelivered`` finished results may
+  wait for it before admission blocks.
+* **direct** (``run``, pipelines, futures): called on the worker thread that finished the
+  task. Nothing waits for the callback thread, so a callback may call ``run`` safely and a
+  synchronous ``run`` pays no extra thread hop.
+
+Locking: one lock, ``_lock``, guards every piece of mutable state below (queues, counters,
+the ready map, the lifecycle flags). It is held only for short bookkeeping: never while a
+runner runs, never while user code (a completion) runs, never across a sleep except
+through its own conditions, whose waits release it (and the GIL). Three conditions share it:
+
+* ``_space``: capacity freed (a task left a queue, a result left the ready map, closing).
+  Waited on by submitters.
+* ``_work[r]``: a task was queued for route ``r``, or closing. Waited on by that route's
+  workers.
+* ``_ready_cv``: a delivered completion arrived, a worker exited, or closing. Waited on by
+  the callback thread.
+
+Admission checks and enqueues under one acquisition, so the bounds are exact and no
+wake-up can be lost (a waiter re-checks its predicate under the same lock that the
+notifier held when it changed the state).
+
+Threads owned by the engine never wait for the engine in a way that could depend on
+themselves: a worker thread that submits never blocks (it fails at once with
+:class:`ReentrancyError` when there is no room), and the callback thread may wait for
+queue space (workers free it) but never for callback-stage space (only it frees that).
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Sequence, Tuple
+
+from ..errors import (
+    EzrtError,
+    PacingDropError,
+    ReentrancyError,
+    SessionClosedError,
+    SubmitTimeoutError,
+)
+
+__all__ = ["Engine", "EngineConfig", "Runner", "Task"]
+
+logger = logging.getLogger("ezrt")
+
+Completion = Callable[[Any, Optional[BaseException]], None]
+
+_QUEUED, _RUNNING, _DONE = 0, 1, 2
+
+
+class Runner(Protocol):
+    """What a worker thread drives: made in that thread, used by it alone."""
+
+    def run(self, payload: Any) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+RunnerFactory = Callable[[Optional[int], int], Runner]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How many workers, where, and how much may wait.
+
+    ``schedule`` is the round-robin list of cores (duplicates weight it); ``None`` entries
+    mean "no particular core" (tp/default mode). Workers: ``threads_per_core`` for each
+    distinct entry.
+    """
+
+    schedule: Tuple[Optional[int], ...] = (None,)
+    threads_per_core: int = 1
+    max_queue_size: int = 3
+    max_undelivered: int = 8
+    sequential: bool = True
+    pacing: bool = False
+    dispatch_policy: str = "round_robin"
+    submit_timeout_s: float = 10.0
+    name: str = "ezrt"
+
+    @property
+    def routes(self) -> Tuple[Optional[int], ...]:
+        distinct = set(self.schedule)
+        if None in distinct:
+            return (None,)
+        return tuple(sorted(distinct))  # type: ignore[type-var]
+
+
+class Task:
+    """One accepted unit of work. ``state`` moves QUEUED -> RUNNING -> DONE, or QUEUED -> DONE."""
+
+    __slots__ = ("delivered", "on_done", "payload", "route", "seq", "state", "submitted_at")
+
+    def __init__(self, payload: Any, on_done: Completion, delivered: bool) -> None:
+        self.payload = payload
+        self.on_done = on_done
+        self.delivered = delivered
+        self.route = 0
+        self.seq = -1
+        self.state = _QUEUED
+        self.submitted_at = 0.0
+
+
+# Engines alive in this process: closed at interpreter exit, poisoned in a fork child.
+_live_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+_session_numbers = itertools.count()
+
+
+class Engine:
+    """Admission, per-route queues, worker threads and the callback thread."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        make_runner: RunnerFactory,
+        on_stopped: Optional[Callable[[], None]] = None,
+    ) -> None:
+        if config.dispatch_policy not in ("round_robin", "least_loaded"):
+            raise ValueError(f"unknown dispatch policy {config.dispatch_policy!r}")
+        self.config = config
+        self._on_stopped = on_stopped
+        self._routes = config.routes
+        route_index = {core: i for i, core in enumerate(self._routes)}
+        # Round robin walks the user's schedule (duplicates weight it), as route indices.
+        self._rr_routes = [route_index[core] for core in config.schedule]
+        self._rr_next = 0
+        self._weights = [config.schedule.count(core) for core in self._routes]
+
+        self._lock = threading.Lock()
+        self._space = threading.Condition(self._lock)
+        self._space_waiters = 0
+        self._work = [threading.Condition(self._lock) for _ in self._routes]
+        self._ready_cv = threading.Condition(self._lock)
+        self._queues: List[Deque[Task]] = [deque() for _ in self._routes]
+        self._busy = [0] * len(self._routes)
+        self._queued = 0
+        self._undelivered = 0
+        self._ready: Dict[int, Tuple[Task, Any, Optional[BaseException]]] = {}
+        self._ready_fifo: Deque[Tuple[Task, Any, Optional[BaseException]]] = deque()
+        self._next_seq = 0
+        self._next_delivery = 0
+        self._stopping = False
+        self._forked = False
+        self._live_workers = 0
+        self._started_count = 0
+        self._startup_errors: List[BaseException] = []
+        # Pacing: exponential moving average of compute time and the last accepted time.
+        self._avg_compute = 0.0
+        self._last_accepted = 0.0
+        # Counters (read by stats()).
+        self.counts = {
+            "submitted": 0,
+            "completed": 0,
+            "failed": 0,
+            "dropped": 0,
+            "cancelled": 0,
+            "timed_out": 0,
+        }
+
+        number = next(_session_numbers)
+        self._worker_threads: List[threading.Thread] = []
+        self._worker_idents: set = set()
+        n_workers = config.threads_per_core * len(self._routes)
+        for i in range(n_workers):
+            route = i % len(self._routes)
+            core = self._routes[route]
+            where = "auto" if core is None else f"core{core}"
+            thread = threading.Thread(
+                target=self._worker_main,
+                args=(route, i, make_runner),
+                name=f"{config.name}-worker-{i}-{where}",
+                daemon=True,
+            )
+            self._worker_threads.append(thread)
+        self._delivery_thread = threading.Thread(
+            target=self._delivery_main, name=f"{config.name}-callback", daemon=True
+        )
+        self._delivery_ident: Optional[int] = None
+        self.number = number
+        self._start()
+        _live_engines.add(self)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _start(self) -> None:
+        n = len(self._worker_threads)
+        with self._lock:
+            self._live_workers = n
+        for thread in self._worker_threads:
+            thread.start()
+        with self._lock:
+            # Workers report in (ready or failed) by decrementing _pending_starts.
+            while self._pending_starts() and not self._startup_errors:
+                self._ready_cv.wait()
+            failed = list(self._startup_errors)
+        if failed:
+            self._abort_start()
+            raise failed[0]
+        self._delivery_thread.start()
+        self._delivery_ident = self._delivery_thread.ident
+
+    def _pending_starts(self) -> bool:
+        return self._started_count < len(self._worker_threads)
+
+    def _abort_start(self) -> None:
+        with self._lock:
+            self._stopping = True
+            for cv in self._work:
+                cv.notify_all()
+        for thread in self._worker_threads:
+            thread.join()
+        if self._on_stopped is not None:
+            self._on_stopped()
+
+    @property
+    def closed(self) -> bool:
+        return self._stopping
+
+    def close(self, *, cancel: bool = False, wait: bool = True, timeout: Optional[float] = None) -> bool:
+        """Stop accepting tasks; drain (default) or cancel what is queued; join the threads.
+
+        Cancelled tasks complete with :class:`SessionClosedError`. Running tasks always finish.
+        Returns True when every thread has exited (always, with ``wait`` and no ``timeout``).
+        Safe to call from any thread, callbacks included (a thread never joins itself), and
+        more than once.
+        """
+        error = SessionClosedError("task cancelled: the session was closed before it ran")
+        direct: List[Task] = []
+        with self._lock:
+            self._stopping = True
+            if cancel:
+                for queue in self._queues:
+                    for task in queue:
+                        if self._record(task, None, error):
+                            direct.append(task)
+                    queue.clear()
+                self._queued = 0
+            for cv in self._work:
+                cv.notify_all()
+            self._space.notify_all()
+            self._ready_cv.notify_all()
+        for task in direct:
+            self._call(task, None, error)
+        if not wait:
+            return False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        me = threading.current_thread()
+        for thread in [*self._worker_threads, self._delivery_thread]:
+            if thread is me or not thread.is_alive():
+                continue
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(
+            t.is_alive() for t in [*self._worker_threads, self._delivery_thread] if t is not me
+        )
+
+    def threads(self) -> List[threading.Thread]:
+        return [*self._worker_threads, self._delivery_thread]
+
+    # ------------------------------------------------------------------ admission
+
+    def submit(
+        self,
+        payload: Any,
+        on_done: Completion,
+        *,
+        delivered: bool,
+        what: str = "run",
+        timeout: Optional[float] = None,
+    ) -> Task:
+        """Accept a task or raise; waits (GIL released) while the pipeline is full.
+
+        ``delivered`` tasks complete on the callback thread and need callback-stage room;
+        others complete on the worker thread. ``what`` names the caller in error messages.
+        Raises :class:`SubmitTimeoutError` at the deadline, :class:`SessionClosedError` when
+        closed, :class:`ReentrancyError` when waiting could depend on the calling thread.
+        A pacing drop is not raised: the task completes at once with :class:`PacingDropError`.
+        """
+        self._check_usable()
+        task = Task(payload, on_done, delivered)
+        ident = threading.get_ident()
+        on_worker = ident in self._worker_idents
+        on_delivery = ident == self._delivery_ident
+        config = self.config
+        deadline: Optional[float] = None
+        drop: Optional[PacingDropError] = None
+        with self._lock:
+            while True:
+                if self._stopping:
+                    raise SessionClosedError(f"{what} rejected: the session is closed")
+                queue_full = self._queued >= config.max_queue_size
+                stage_full = delivered and self._undelivered >= config.max_undelivered
+                if not queue_full and not stage_full:
+                    break
+                if on_worker or (on_delivery and stage_full):
+                    raise ReentrancyError(
+                        f"{what} called from an ezrt {'worker' if on_worker else 'callback'} "
+                        "thread while the pipeline is full: waiting would depend on this "
+                        "thread itself. Submit from another thread, or raise max_queue_size."
+                    )
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + (config.submit_timeout_s if timeout is None else timeout)
+                if now >= deadline:
+                    self.counts["timed_out"] += 1
+                    raise SubmitTimeoutError(
+                        f"{what} submit timed out: async queue/callback pipeline is saturated "
+                        f"(waited {config.submit_timeout_s * 1000:.0f} ms; "
+                        f"{self._queued} queued, {self._undelivered} results awaiting callbacks)"
+                    )
+                self._space_waiters += 1
+                try:
+                    self._space.wait(deadline - now)
+                finally:
+                    self._space_waiters -= 1
+            self.counts["submitted"] += 1
+            now = time.monotonic()
+            task.submitted_at = now
+            if delivered:
+                task.seq = self._next_seq
+                self._next_seq += 1
+            if config.pacing and self._avg_compute > 0.0:
+                interval = self._avg_compute / len(self._routes)
+                gap = now - self._last_accepted
+                if gap < interval:
+                    drop = PacingDropError(
+                        f"{what}: dropped by pacing (arrived {1000 * gap:.2f} ms after the last "
+                        f"accepted task; the cores take one every {1000 * interval:.2f} ms)"
+                    )
+            if drop is None:
+                self._last_accepted = now
+                route = self._pick_route()
+                task.route = route
+                self._queues[route].append(task)
+                self._queued += 1
+                self._work[route].notify()
+                return task
+            # Recorded under this same lock, so the callback thread cannot miss it.
+            call_directly = self._record(task, None, drop)
+        if call_directly:
+            self._call(task, None, drop)
+        return task
+
+    def _pick_route(self) -> int:
+        """Choose the route for a new task (lock held)."""
+        if len(self._routes) == 1:
+            return 0
+        if self.config.dispatch_policy == "round_robin":
+            route = self._rr_routes[self._rr_next]
+            self._rr_next = (self._rr_next + 1) % len(self._rr_routes)
+            return route
+        # least_loaded: fewest queued + running tasks per unit of schedule weight.
+        loads = [
+            (len(self._queues[r]) + self._busy[r]) / self._weights[r]
+            for r in range(len(self._routes))
+        ]
+        return loads.index(min(loads))
+
+    def cancel(self, task: Task) -> bool:
+        """Withdraw a task that no worker has started. Its completion is not called."""
+        with self._lock:
+            if task.state != _QUEUED or task.delivered:
+                return False
+            try:
+                self._queues[task.route].remove(task)
+            except ValueError:
+                return False
+            task.state = _DONE
+            self._queued -= 1
+            if self._space_waiters:
+                self._space.notify_all()
+            return True
+
+    def assert_may_block(self, what: str) -> None:
+        """Raise if the calling thread is a worker: waiting there could wait on itself."""
+        if threading.get_ident() in self._worker_idents:
+            raise ReentrancyError(
+                f"{what} cannot block on an ezrt worker thread (it may be the worker that "
+                "must run the task); call it from another thread"
+            )
+
+    def _check_usable(self) -> None:
+        if self._forked:
+            raise EzrtError(
+                "this session was created before os.fork(); its threads do not exist in this "
+                "child process. Create a new InferenceSession in the child."
+            )
+
+    # ------------------------------------------------------------------ workers
+
+    def _worker_main(self, route: int, index: int, make_runner: RunnerFactory) -> None:
+        core = self._routes[route]
+        try:
+            runner = make_runner(core, index)
+        except BaseException as exc:  # report to the constructor, which re-raises it
+            with self._lock:
+                self._startup_errors.append(exc)
+                self._started_count += 1
+                self._live_workers -= 1
+                self._ready_cv.notify_all()
+            return
+        self._worker_idents.add(threading.get_ident())
+        queue = self._queues[route]
+        work = self._work[route]
+        config = self.config
+        with self._lock:
+            self._started_count += 1
+            self._ready_cv.notify_all()
+        compute = -1.0
+        try:
+            while True:
+                with self._lock:
+                    if compute >= 0.0:
+                        self._busy[route] -= 1
+                        if config.pacing:
+                            avg = self._avg_compute
+                            self._avg_compute = compute if avg == 0.0 else 0.95 * avg + 0.05 * compute
+                    while not queue and not self._stopping:
+                        work.wait()
+                    if not queue:
+                        break
+                    task = queue.popleft()
+                    task.state = _RUNNING
+                    self._queued -= 1
+                    self._busy[route] += 1
+                    if self._space_waiters:
+                        self._space.notify_all()
+                started = time.perf_counter()
+                try:
+                    result, error = runner.run(task.payload), None
+                except BaseException as exc:  # a task's failure is its result, never the worker's
+                    result, error = None, exc
+                compute = time.perf_counter() - started
+                self._complete(task, result, error)
+        finally:
+            self._worker_idents.discard(threading.get_ident())
+            try:
+                runner.close()
+            except Exception:
+                logger.exception("ezrt: closing a backend worker failed")
+            with self._lock:
+                self._live_workers -= 1
+                self._ready_cv.notify_all()
+
+    def _complete(self, task: Task, result: Any, error: Optional[BaseException]) -> None:
+        """Record a task's outcome exactly once and hand it on (lock not held)."""
+        with self._lock:
+            call_directly = self._record(task, result, error)
+        if call_directly:
+            self._call(task, result, error)
+
+    def _record(self, task: Task, result: Any, error: Optional[BaseException]) -> bool:
+        """Count the outcome; queue it for the callback thread if delivered (lock held).
+
+        Returns True when the caller must run the completion itself, after releasing the lock.
+        """
+        task.state = _DONE
+        if error is None:
+            self.counts["completed"] += 1
+        elif isinstance(error, PacingDropError):
+            self.counts["dropped"] += 1
+        elif isinstance(error, SessionClosedError):
+            self.counts["cancelled"] += 1
+        else:
+            self.counts["failed"] += 1
+        if not task.delivered:
+            return True
+        if self.config.sequential:
+            self._ready[task.seq] = (task, result, error)
+        else:
+            self._ready_fifo.append((task, result, error))
+        self._undelivered += 1
+        self._ready_cv.notify()
+        return False
+
+    @staticmethod
+    def _call(task: Task, result: Any, error: Optional[BaseException]) -> None:
+        try:
+            task.on_done(result, error)
+        except BaseException:
+            logger.exception("ezrt: a completion handler raised; the task is still complete")
+
+    # ------------------------------------------------------------------ delivery
+
+    def _take_ready(self) -> Optional[Tuple[Task, Any, Optional[BaseException]]]:
+        """Next deliverable completion, in order when sequential (lock held)."""
+        if self.config.sequential:
+            item = self._ready.pop(self._next_delivery, None)
+            if item is not None:
+                self._next_delivery += 1
+            return item
+        return self._ready_fifo.popleft() if self._ready_fifo else None
+
+    def _delivery_main(self) -> None:
+        while True:
+            with self._lock:
+                while True:
+                    item = self._take_ready()
+                    if item is not None:
+                        self._undelivered -= 1
+                        if self._space_waiters:
+                            self._space.notify_all()
+                        break
+                    if self._stopping and self._live_workers == 0:
+                        if self._ready:  # a sequence gap cannot happen; never strand results
+                            logger.error("ezrt: delivery order gap at %d", self._next_delivery)
+                            self._next_delivery = min(self._ready)
+                            continue
+                        break
+                    self._ready_cv.wait()
+            if item is None:
+                break
+            task, result, error = item
+            try:
+                task.on_done(result, error)
+            except BaseException:
+                logger.exception("ezrt: a run_async callback raised; delivery continues")
+        if self._on_stopped is not None:
+            try:
+                self._on_stopped()
+            except Exception:
+                logger.exception("ezrt: releasing the backend failed")
+
+    # ------------------------------------------------------------------ introspection
+
+    def depths(self) -> Dict[str, int]:
+        with self._lock:
+            return {
+                "queued": self._queued,
+                "running": sum(self._busy),
+                "undelivered": self._undelivered,
+            }
+
+
+def _close_all_at_exit() -> None:
+    """At interpreter exit: cancel what is queued, let running tasks and callbacks finish."""
+    for engine in list(_live_engines):
+        if not engine._forked:
+            engine.close(cancel=True, wait=True, timeout=10.0)
+
+
+def _poison_after_fork() -> None:
+    for engine in list(_live_engines):
+        engine._forked = True
+
+
+atexit.register(_close_all_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_poison_after_fork)

@@ -1,0 +1,76 @@
+"""ezrt's exceptions.
+
+Every exception ezrt raises on purpose derives from :class:`EzrtError`, which is a
+``RuntimeError`` because upstream raises ``RuntimeError`` for everything and existing
+``except RuntimeError`` clauses must keep working. Errors about bad arguments also derive
+from ``ValueError`` or ``TypeError``, so idiomatic Python handlers work too.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+__all__ = [
+    "BackendUnavailableError",
+    "BatchInferenceError",
+    "EzrtError",
+    "InferenceError",
+    "InvalidArgumentError",
+    "InvalidTypeError",
+    "PacingDropError",
+    "ReentrancyError",
+    "SessionClosedError",
+    "SubmitTimeoutError",
+]
+
+
+class EzrtError(RuntimeError):
+    """Base class of every error ezrt raises deliberately."""
+
+
+class InvalidArgumentError(EzrtError, ValueError):
+    """An argument or provider option has the right type but a value ezrt cannot use."""
+
+
+class InvalidTypeError(EzrtError, TypeError):
+    """An argument or provider option has a type ezrt does not accept."""
+
+
+class SubmitTimeoutError(EzrtError):
+    """The pipeline stayed full for ``submit_timeout_ms``; the task was not accepted."""
+
+
+class SessionClosedError(EzrtError):
+    """The session is closed (or closing), or the task was cancelled by ``close(cancel=True)``."""
+
+
+class PacingDropError(EzrtError):
+    """The task arrived sooner than pacing allows (``enable_pacing``) and was dropped unrun."""
+
+
+class ReentrancyError(EzrtError):
+    """A call from a callback would have to wait for the callback thread itself."""
+
+
+class BackendUnavailableError(EzrtError):
+    """The runtime a backend needs (a library, a device, a provider) is not usable here."""
+
+
+class InferenceError(EzrtError):
+    """A task failed inside the backend. ``__cause__`` holds the backend's own exception."""
+
+
+class BatchInferenceError(InferenceError):
+    """One or more samples of a batch-dispatched ``run`` failed.
+
+    ``errors`` maps each failed sample index to its error message; every failure is listed,
+    not only the first.
+    """
+
+    def __init__(self, errors: Mapping[int, str], batch_size: int) -> None:
+        self.errors = dict(sorted(errors.items()))
+        self.batch_size = batch_size
+        details = "; ".join(f"sample {i}: {msg}" for i, msg in self.errors.items())
+        super().__init__(
+            f"{len(self.errors)} of {batch_size} samples failed in batch mode: {details}"
+        )
