@@ -145,6 +145,9 @@ class OutputSelection:
         return arranged
 
 
+_ALL_OUTPUTS = OutputSelection(None)
+
+
 class FeedParser:
     """Validates input feeds against the model's inputs for one session."""
 
@@ -161,6 +164,20 @@ class FeedParser:
             (s.shape[0], s.shape[2], s.shape[3], s.shape[1]) if nhwc and s.shape else s.shape
             for s, nhwc in zip(self.inputs, self._nhwc)
         )
+        # The fast path: per input, (name, dtype, rank, fixed (axis, size) pairs) for inputs
+        # fed as ndarrays of the right dtype in the model's own layout. Anything else takes
+        # the general path, which also produces every error message.
+        self._fast = tuple(
+            None
+            if nhwc or spec.dtype is None or shape is None
+            else (
+                spec.dtype,
+                len(shape),
+                tuple((axis, d) for axis, d in enumerate(shape) if isinstance(d, int) and d >= 0),
+            )
+            for spec, shape, nhwc in zip(self.inputs, self.user_shapes, self._nhwc)
+        )
+        self._single_name = self.input_names[0] if len(self.inputs) == 1 else None
 
     # ------------------------------------------------------------------ introspection
 
@@ -177,7 +194,7 @@ class FeedParser:
 
     def select_outputs(self, output_names: Any) -> OutputSelection:
         if output_names is None:
-            return OutputSelection(None)
+            return _ALL_OUTPUTS
         if isinstance(output_names, (str, bytes)) or not isinstance(output_names, Sequence):
             raise InvalidTypeError(
                 "output_names must be a sequence or None "
@@ -313,8 +330,40 @@ class FeedParser:
             return np.array(array, order="C", copy=True)
         return np.ascontiguousarray(array)
 
+    def _parse_fast(self, input_feed: Any, copy: bool) -> Optional[Tuple[np.ndarray, ...]]:
+        """The common case in few bytecodes; None means "take the general path"."""
+        if type(input_feed) is dict and len(input_feed) == len(self.inputs):
+            try:
+                values = [input_feed[name] for name in self.input_names]
+            except KeyError:
+                return None
+        elif type(input_feed) is np.ndarray and self._single_name is not None:
+            values = [input_feed]
+        else:
+            return None
+        arrays = []
+        for value, fast in zip(values, self._fast):
+            if fast is None or type(value) is not np.ndarray:
+                return None
+            dtype, rank, fixed = fast
+            if value.dtype != dtype or value.ndim != rank:
+                return None
+            shape = value.shape
+            for axis, size in fixed:
+                if shape[axis] != size:
+                    return None
+            if copy:
+                value = value.copy(order="C")
+            elif not value.flags.c_contiguous:
+                value = np.ascontiguousarray(value)
+            arrays.append(value)
+        return tuple(arrays)
+
     def parse(self, input_feed: Any, *, copy: bool) -> Tuple[np.ndarray, ...]:
         """Validated arrays in the model's layout. ``copy``: the result owns its memory."""
+        fast = self._parse_fast(input_feed, copy)
+        if fast is not None:
+            return fast
         values = self._as_list(input_feed)
         arrays = []
         for index, value in enumerate(values):

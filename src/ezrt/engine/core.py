@@ -150,6 +150,9 @@ class Engine:
         self._ready_cv = threading.Condition(self._lock)
         self._queues: List[Deque[Task]] = [deque() for _ in self._routes]
         self._busy = [0] * len(self._routes)
+        # Sleepers, so that a notify is only paid for when someone is actually waiting.
+        self._idle = [0] * len(self._routes)
+        self._delivery_waiting = False
         self._queued = 0
         self._undelivered = 0
         self._ready: Dict[int, Tuple[Task, Any, Optional[BaseException]]] = {}
@@ -349,7 +352,8 @@ class Engine:
                 task.route = route
                 self._queues[route].append(task)
                 self._queued += 1
-                self._work[route].notify()
+                if self._idle[route]:
+                    self._work[route].notify()
                 return task
             # Recorded under this same lock, so the callback thread cannot miss it.
             call_directly = self._record(task, None, drop)
@@ -422,32 +426,45 @@ class Engine:
         with self._lock:
             self._started_count += 1
             self._ready_cv.notify_all()
-        compute = -1.0
+        finished: Optional[Tuple[Task, Any, Optional[BaseException]]] = None
+        compute = 0.0
         try:
             while True:
+                call_directly = False
                 with self._lock:
-                    if compute >= 0.0:
+                    # One acquisition records the last outcome and takes the next task.
+                    if finished is not None:
                         self._busy[route] -= 1
                         if config.pacing:
                             avg = self._avg_compute
                             self._avg_compute = compute if avg == 0.0 else 0.95 * avg + 0.05 * compute
-                    while not queue and not self._stopping:
+                        call_directly = self._record(*finished)
+                    while not queue and not self._stopping and not call_directly:
+                        self._idle[route] += 1
                         work.wait()
-                    if not queue:
-                        break
-                    task = queue.popleft()
-                    task.state = _RUNNING
-                    self._queued -= 1
-                    self._busy[route] += 1
-                    if self._space_waiters:
-                        self._space.notify_all()
+                        self._idle[route] -= 1
+                    task = queue.popleft() if queue else None
+                    if task is not None:
+                        task.state = _RUNNING
+                        self._queued -= 1
+                        self._busy[route] += 1
+                        if self._space_waiters and self._queued * 2 <= config.max_queue_size:
+                            self._space.notify_all()
+                if call_directly:
+                    assert finished is not None
+                    self._call(*finished)
+                finished = None
+                if task is None:
+                    if call_directly:
+                        continue  # go back and wait for work
+                    break
                 started = time.perf_counter()
                 try:
                     result, error = runner.run(task.payload), None
                 except BaseException as exc:  # a task's failure is its result, never the worker's
                     result, error = None, exc
                 compute = time.perf_counter() - started
-                self._complete(task, result, error)
+                finished = (task, result, error)
         finally:
             self._worker_idents.discard(threading.get_ident())
             try:
@@ -486,7 +503,10 @@ class Engine:
         else:
             self._ready_fifo.append((task, result, error))
         self._undelivered += 1
-        self._ready_cv.notify()
+        if self._delivery_waiting and (
+            not self._queues[task.route] or self._undelivered * 2 >= self.config.max_undelivered
+        ):
+            self._ready_cv.notify()
         return False
 
     @staticmethod
@@ -498,39 +518,48 @@ class Engine:
 
     # ------------------------------------------------------------------ delivery
 
-    def _take_ready(self) -> Optional[Tuple[Task, Any, Optional[BaseException]]]:
-        """Next deliverable completion, in order when sequential (lock held)."""
-        if self.config.sequential:
-            item = self._ready.pop(self._next_delivery, None)
-            if item is not None:
-                self._next_delivery += 1
-            return item
-        return self._ready_fifo.popleft() if self._ready_fifo else None
+    def _take_ready(self) -> List[Tuple[Task, Any, Optional[BaseException]]]:
+        """Every completion deliverable now, in order when sequential (lock held)."""
+        if not self.config.sequential:
+            items = list(self._ready_fifo)
+            self._ready_fifo.clear()
+            return items
+        items = []
+        ready = self._ready
+        while self._next_delivery in ready:
+            items.append(ready.pop(self._next_delivery))
+            self._next_delivery += 1
+        return items
 
     def _delivery_main(self) -> None:
+        """The callback thread: deliver in order, one wake-up for everything that is ready."""
+        lock = self._lock
         while True:
-            with self._lock:
-                while True:
-                    item = self._take_ready()
-                    if item is not None:
-                        self._undelivered -= 1
-                        if self._space_waiters:
-                            self._space.notify_all()
-                        break
+            with lock:
+                items = self._take_ready()
+                while not items:
                     if self._stopping and self._live_workers == 0:
-                        if self._ready:  # a sequence gap cannot happen; never strand results
-                            logger.error("ezrt: delivery order gap at %d", self._next_delivery)
-                            self._next_delivery = min(self._ready)
-                            continue
-                        break
-                    self._ready_cv.wait()
-            if item is None:
+                        if not self._ready:
+                            break
+                        # A gap in the sequence cannot happen; never strand results if it did.
+                        logger.error("ezrt: delivery order gap at %d", self._next_delivery)
+                        self._next_delivery = min(self._ready)
+                    else:
+                        self._delivery_waiting = True
+                        self._ready_cv.wait()
+                        self._delivery_waiting = False
+                    items = self._take_ready()
+            if not items:
                 break
-            task, result, error = item
-            try:
-                task.on_done(result, error)
-            except BaseException:
-                logger.exception("ezrt: a run_async callback raised; delivery continues")
+            for task, result, error in items:
+                try:
+                    task.on_done(result, error)
+                except BaseException:
+                    logger.exception("ezrt: a run_async callback raised; delivery continues")
+            with lock:
+                self._undelivered -= len(items)
+                if self._space_waiters:
+                    self._space.notify_all()
         if self._on_stopped is not None:
             try:
                 self._on_stopped()
