@@ -193,6 +193,7 @@ class FeedParser:
     # ------------------------------------------------------------------ outputs
 
     def select_outputs(self, output_names: Any) -> OutputSelection:
+        """Resolve ``output_names``: None or empty means all outputs (as onnxruntime)."""
         if output_names is None:
             return _ALL_OUTPUTS
         if isinstance(output_names, (str, bytes)) or not isinstance(output_names, Sequence):
@@ -201,6 +202,8 @@ class FeedParser:
                 f"(got {type(output_names).__name__}: {output_names!r}; "
                 "for one output write [name])"
             )
+        if len(output_names) == 0:
+            return _ALL_OUTPUTS
         fetch: List[str] = []
         picks: List[int] = []
         for name in output_names:

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, TypedDict, Union
 
+import numpy as np
+
 from .errors import InvalidArgumentError, InvalidTypeError
 
 __all__ = [
@@ -180,6 +182,8 @@ def as_bool(name: str, value: object) -> bool:
             f"{name} must be a boolean (got {_describe(value)}; "
             "strings accepted: 1/true/on/yes, 0/false/off/no)"
         )
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
     if isinstance(value, float):  # operator.index refuses floats anyway; say it plainly
         raise InvalidTypeError(f"{name} must be a boolean (got {_describe(value)})")
     try:

@@ -448,7 +448,7 @@ class Engine:
                         task.state = _RUNNING
                         self._queued -= 1
                         self._busy[route] += 1
-                        if self._space_waiters and self._queued * 2 <= config.max_queue_size:
+                        if self._space_waiters:
                             self._space.notify_all()
                 if call_directly:
                     assert finished is not None
@@ -503,9 +503,7 @@ class Engine:
         else:
             self._ready_fifo.append((task, result, error))
         self._undelivered += 1
-        if self._delivery_waiting and (
-            not self._queues[task.route] or self._undelivered * 2 >= self.config.max_undelivered
-        ):
+        if self._delivery_waiting:
             self._ready_cv.notify()
         return False
 

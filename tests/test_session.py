@@ -1,0 +1,326 @@
+"""InferenceSession on ONNX Runtime: construction, introspection, input feeds, outputs, layouts."""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import ezrt
+from ezrt.backends.onnxruntime import allowed_cpus
+
+from .conftest import ones
+
+
+@pytest.fixture
+def add_session(add_model):
+    with ezrt.InferenceSession(add_model) as session:
+        yield session
+
+
+# ---------------------------------------------------------------- construction
+
+
+def test_path_bytes_and_pathlike_all_work(add_model, tmp_path):
+    path = tmp_path / "add.onnx"
+    path.write_bytes(add_model)
+    for source in (add_model, bytearray(add_model), str(path), path):
+        with ezrt.InferenceSession(source) as session:
+            assert session.run(None, [ones(), ones()])[0].tolist() == [[2.0] * 4]
+
+
+def test_unknown_keyword_argument_is_a_type_error(add_model):
+    with pytest.raises(TypeError, match="use_weight_frm"):
+        ezrt.InferenceSession(add_model, use_weight_frm=None)  # type: ignore[call-arg]
+
+
+def test_missing_file_is_reported_with_its_path(tmp_path):
+    missing = tmp_path / "nope.onnx"
+    with pytest.raises(ezrt.InvalidArgumentError, match=f"Failed to open model file: {missing}"):
+        ezrt.InferenceSession(missing)
+
+
+def test_not_a_model_is_a_clear_error():
+    with pytest.raises(ezrt.InvalidArgumentError, match="onnxruntime could not load the model"):
+        ezrt.InferenceSession(b"this is not an onnx model")
+    with pytest.raises(ezrt.InvalidTypeError, match="path_or_bytes must be a path"):
+        ezrt.InferenceSession(12)  # type: ignore[arg-type]
+
+
+def test_option_errors_come_before_the_model_is_read(tmp_path):
+    # The path does not exist: the option error must still win (upstream's order).
+    with pytest.raises(ezrt.InvalidArgumentError, match="max_queue_size must be > 0"):
+        ezrt.InferenceSession(tmp_path / "missing.onnx", provider_options={"max_queue_size": 0})
+
+
+def test_rknn_bytes_are_recognised_whatever_the_name(tmp_path):
+    fake = tmp_path / "model.onnx"
+    fake.write_bytes(b"RKNN\x00\x00\x00\x00" + b"\x00" * 64)
+    with pytest.raises(ezrt.BackendUnavailableError, match="RKNN model"):
+        ezrt.InferenceSession(fake)
+
+
+def test_use_weight_from_type_check(add_model):
+    with pytest.raises(ezrt.InvalidTypeError, match="use_weight_from must be an InferenceSession or None"):
+        ezrt.InferenceSession(add_model, use_weight_from="master")  # type: ignore[arg-type]
+
+
+def test_use_weight_from_shares_the_masters_session(add_model, relu_model):
+    with ezrt.InferenceSession(add_model) as master:
+        with ezrt.InferenceSession(add_model, use_weight_from=master,
+                                   provider_options={"threads_per_core": 2}) as slave:
+            assert slave._backend.master is master._backend.master
+            assert slave.run(["prod"], [ones(value=3), ones(value=2)])[0][0, 0] == 6.0
+        with pytest.raises(ezrt.InvalidArgumentError, match="must open the same model"):
+            ezrt.InferenceSession(relu_model, use_weight_from=master)
+        with pytest.raises(ezrt.InvalidArgumentError, match="use_weight_from cannot be combined with custom-op loading"):
+            ezrt.InferenceSession(add_model, use_weight_from=master,
+                                  provider_options={"custom_op_paths": ["x.so"]})
+
+
+def test_custom_op_library_errors(add_model, tmp_path):
+    with pytest.raises(ezrt.InvalidArgumentError, match="custom op library not found"):
+        ezrt.InferenceSession(add_model, provider_options={"custom_op_paths": [tmp_path / "none.so"]})
+    not_a_library = tmp_path / "libfake.so"
+    not_a_library.write_bytes(b"\x7fELF not really")
+    with pytest.raises(ezrt.InvalidArgumentError, match="is not an ONNX Runtime custom-op library"):
+        ezrt.InferenceSession(add_model, provider_options={"custom_op_paths": str(not_a_library)})
+
+
+def test_options_that_do_not_apply_to_onnxruntime_say_why(add_model):
+    with pytest.raises(ezrt.InvalidArgumentError, match="zero_copy_layout selects an RKNN NPU memory layout"):
+        ezrt.InferenceSession(add_model, provider_options={"zero_copy_layout": "native"})
+    with pytest.raises(ezrt.InvalidArgumentError, match="custom_op_default_path loads RKNN plugins"):
+        ezrt.InferenceSession(add_model, provider_options={"custom_op_default_path": True})
+
+
+def test_schedule_core_must_be_usable(add_model):
+    too_big = max(allowed_cpus()) + 1
+    with pytest.raises(ezrt.InvalidArgumentError, match=f"schedule core {too_big} is not a CPU this process may use"):
+        ezrt.InferenceSession(add_model, provider_options={"schedule": [0, too_big]})
+
+
+def test_tp_mode_cores_must_be_usable(add_model):
+    if len(allowed_cpus()) >= 3:
+        pytest.skip("needs a machine with fewer than 3 CPUs")
+    with pytest.raises(ezrt.InvalidArgumentError, match="tp_mode '0,1,2' needs CPUs"):
+        ezrt.InferenceSession(add_model, provider_options={"tp_mode": "0,1,2"})
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs Linux affinity")
+def test_schedule_pins_each_worker_to_its_cpu(add_model):
+    seen = {}
+    real = ezrt.backends.onnxruntime.OrtWorker.run
+
+    def spy(self, request):
+        seen[threading.current_thread().name] = os.sched_getaffinity(0)
+        return real(self, request)
+
+    cores = allowed_cpus()[:2]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ezrt.backends.onnxruntime.OrtWorker, "run", spy)
+        with ezrt.InferenceSession(add_model, provider_options={"schedule": cores, "max_queue_size": 8}) as session:
+            session.run(None, [ones(), ones()], {"ztu_modelrt_dispatch_batch": False})
+            session.run(None, [np.ones((6, 4), np.float32), np.ones((6, 4), np.float32)],
+                        {"ztu_modelrt_dispatch_batch": True})
+    for name, affinity in seen.items():
+        core = int(name.rsplit("core", 1)[1])
+        assert affinity == {core}, (name, affinity)
+    assert len(seen) == len(cores)
+
+
+def test_unsupported_or_missing_providers(add_model):
+    with pytest.raises(ezrt.InvalidArgumentError, match="Unsupported provider: TensorrtExecutionProvider"):
+        ezrt.InferenceSession(add_model, providers=["TensorrtExecutionProvider"])
+    with pytest.raises(ezrt.InvalidTypeError, match="providers must be a list"):
+        ezrt.InferenceSession(add_model, providers="CPUExecutionProvider")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA present")
+def test_cuda_requested_without_cuda_falls_back_with_a_warning(add_model):
+    with pytest.warns(RuntimeWarning, match="CUDAExecutionProvider is not available"):
+        session = ezrt.InferenceSession(add_model, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with session:
+        assert session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_user_session_options_are_used_and_left_as_they_were(add_model):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    with ezrt.InferenceSession(add_model, options, provider_options={"schedule": [0]}) as session:
+        assert session.run(["sum"], [ones(), ones()])[0][0, 0] == 2.0
+    assert options.intra_op_num_threads == 3
+
+
+# ---------------------------------------------------------------- introspection
+
+
+def test_introspection_matches_onnxruntime(add_model):
+    reference = ort.InferenceSession(add_model, providers=["CPUExecutionProvider"])
+    with ezrt.InferenceSession(add_model) as session:
+        for mine, theirs in zip(session.get_inputs() + session.get_outputs(),
+                                reference.get_inputs() + reference.get_outputs()):
+            assert (mine.name, mine.shape, mine.type) == (theirs.name, theirs.shape, theirs.type)
+        assert session.input_names == ["a", "b"] and session.output_names == ["sum", "prod"]
+        assert session.get_providers() == ["CPUExecutionProvider"]
+        assert "CPUExecutionProvider" in session.get_provider_options()
+        meta = session.get_modelmeta()
+        assert meta.custom_metadata_map == {"author": "tests"}
+        assert meta.version == reference.get_modelmeta().version
+        assert "ezrt.InferenceSession open" in repr(session)
+    assert "closed" in repr(session)
+
+
+def test_symbolic_dims_are_reported_as_names(relu_model):
+    with ezrt.InferenceSession(relu_model) as session:
+        assert session.get_inputs()[0].shape == ["N", 3]
+
+
+def test_nhwc_layout_reports_and_accepts_nhwc(conv_model):
+    image = np.arange(60, dtype=np.float32).reshape(1, 3, 4, 5)
+    with ezrt.InferenceSession(conv_model, provider_options={"layout": "nhwc"}) as session:
+        assert session.get_inputs()[0].shape == [1, 4, 5, 3]
+        out = session.run(None, {"image": image.transpose(0, 2, 3, 1)})[0]
+        np.testing.assert_array_equal(out[0, 0], image[0, 2])
+        with pytest.raises(ezrt.InvalidArgumentError, match=r"Input 'image' shape mismatch: expected \[1, 4, 5, 3\], got \[1, 3, 4, 5\]"):
+            session.run(None, {"image": image})
+
+
+@pytest.mark.parametrize("layout", ["nchw", "original", "nchw_software", "any"])
+def test_other_layouts_feed_the_models_own_layout(conv_model, layout):
+    image = np.arange(60, dtype=np.float32).reshape(1, 3, 4, 5)
+    with ezrt.InferenceSession(conv_model, provider_options={"layout": layout}) as session:
+        assert session.get_inputs()[0].shape == [1, 3, 4, 5]
+        np.testing.assert_array_equal(session.run(None, [image])[0][0, 0], image[0, 2])
+
+
+# ---------------------------------------------------------------- input feeds
+
+
+def test_every_feed_form(add_session):
+    a, b = ones(value=2), ones(value=5)
+    expected = [[7.0] * 4]
+    assert add_session.run(None, {"a": a, "b": b})[0].tolist() == expected
+    assert add_session.run(None, [a, b])[0].tolist() == expected
+    assert add_session.run(None, (a, b))[0].tolist() == expected
+    # plain Python values take the model's dtype
+    assert add_session.run(None, {"a": [[2, 2, 2, 2]], "b": [[5.0] * 4]})[0].tolist() == expected
+
+
+def test_single_array_feed(relu_model):
+    with ezrt.InferenceSession(relu_model) as session:
+        x = np.array([[-1.0, 0.0, 2.0]], np.float32)
+        assert session.run(None, x)[0].tolist() == [[0.0, 0.0, 2.0]]
+        assert session.run(input_feed=x, output_names=None)[0].shape == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "feed, error, message",
+    [
+        (np.ones((1, 4), np.float32), ezrt.InvalidArgumentError, "Model expects 2 inputs, but a single array was given"),
+        ({"a": ones()}, ezrt.InvalidArgumentError, r"Input dict size mismatch: expected 2, got 1"),
+        ({"a": ones(), "b": ones(), "c": ones()}, ezrt.InvalidArgumentError, r"expected 2, got 3 .*unknown names: 'c'"),
+        ({"a": ones(), "c": ones()}, ezrt.InvalidArgumentError, "Missing input: b"),
+        ([ones()], ezrt.InvalidArgumentError, "Input list size mismatch: expected 2, got 1"),
+        ("ab", ezrt.InvalidTypeError, "input_feed must be a numpy array, list/tuple, or dict"),
+        (None, ezrt.InvalidTypeError, "input_feed must be a numpy array, list/tuple, or dict"),
+        ({"a": ones(), "b": None}, ezrt.InvalidTypeError, "Input 'b' is None"),
+        ({"a": ones(), "b": np.ones((1, 4))}, ezrt.InvalidTypeError, "Input 'b' dtype mismatch: expected float32, got float64"),
+        ({"a": ones(), "b": np.ones((1, 4), np.int32)}, ezrt.InvalidTypeError, "expected float32, got int32"),
+        ({"a": ones(), "b": np.ones((1, 4), object)}, ezrt.InvalidTypeError, "expected float32, got object"),
+        ({"a": ones(), "b": [["x"] * 4]}, ezrt.InvalidTypeError, "Input 'b' dtype mismatch"),
+        ({"a": ones(), "b": [[1.5], [2, 3]]}, ezrt.InvalidTypeError, "Input 'b' could not be converted"),
+        ({"a": ones(), "b": np.ones((4,), np.float32)}, ezrt.InvalidArgumentError, r"Input rank mismatch: expected 2, got 1 \(input 'b'"),
+        ({"a": ones(), "b": np.ones((1, 5), np.float32)}, ezrt.InvalidArgumentError, r"Input 'b' shape mismatch: expected \[1, 4\], got \[1, 5\]"),
+        ({"a": ones(), "b": np.float32(1)}, ezrt.InvalidArgumentError, "Input rank mismatch: expected 2, got 0"),
+    ],
+)
+def test_feed_errors_name_the_input(add_session, feed, error, message):
+    with pytest.raises(error, match=message):
+        add_session.run(None, feed)
+    # the session keeps working
+    assert add_session.run(["sum"], [ones(), ones()])[0][0, 0] == 2.0
+
+
+def test_floats_never_truncate_into_ints(reshape_model):
+    with ezrt.InferenceSession(reshape_model) as session:
+        with pytest.raises(ezrt.InvalidTypeError, match="Input 'shape' dtype mismatch: expected int64"):
+            session.run(None, {"x": np.ones((1, 6), np.float32), "shape": [2.5, 3]})
+        assert session.run(None, {"x": np.ones((1, 6), np.float32), "shape": [2, 3]})[0].shape == (2, 3)
+
+
+def test_symbolic_dims_accept_any_size(relu_model):
+    with ezrt.InferenceSession(relu_model) as session:
+        for n in (0, 1, 7):
+            assert session.run(None, np.ones((n, 3), np.float32))[0].shape == (n, 3)
+        with pytest.raises(ezrt.InvalidArgumentError, match=r"Input 'x' shape mismatch: expected \[N, 3\], got \[2, 4\]"):
+            session.run(None, np.ones((2, 4), np.float32))
+
+
+def test_non_contiguous_and_byte_swapped_arrays(add_session):
+    wide = np.arange(8, dtype=np.float32).reshape(1, 8)
+    strided = wide[:, ::2]
+    assert not strided.flags.c_contiguous
+    swapped = np.ones((1, 4), dtype=">f4")
+    result = add_session.run(["sum"], {"a": strided, "b": swapped})[0]
+    assert result.tolist() == [[1.0, 3.0, 5.0, 7.0]]
+
+
+def test_run_error_from_onnxruntime_is_an_inference_error(reshape_model):
+    with ezrt.InferenceSession(reshape_model) as session:
+        with pytest.raises(ezrt.InferenceError, match="onnxruntime run failed") as info:
+            session.run(None, {"x": np.ones((1, 6), np.float32), "shape": np.array([4, 4])})
+        assert isinstance(info.value, RuntimeError)
+        assert info.value.__cause__ is not None
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def test_output_filtering_order_and_duplicates(add_session):
+    a, b = ones(value=2), ones(value=3)
+    prod, total = add_session.run(["prod", "sum"], [a, b])
+    assert prod[0, 0] == 6.0 and total[0, 0] == 5.0
+    first, second = add_session.run(["sum", "sum"], [a, b])
+    assert first.tolist() == second.tolist()
+    assert not np.shares_memory(first, second)
+    assert len(add_session.run([], [a, b])) == 2  # empty means all, as in onnxruntime
+
+
+@pytest.mark.parametrize(
+    "names, error, message",
+    [(["nope"], ezrt.InvalidArgumentError, "Unknown output name: nope"),
+     ("sum", ezrt.InvalidTypeError, "output_names must be a sequence or None"),
+     ([1], ezrt.InvalidTypeError, "output_names must contain strings"),
+     (3, ezrt.InvalidTypeError, "output_names must be a sequence or None")],
+)
+def test_output_name_errors(add_session, names, error, message):
+    with pytest.raises(error, match=message):
+        add_session.run(names, [ones(), ones()])
+
+
+def test_outputs_keep_onnxruntime_dtypes(reshape_model):
+    with ezrt.InferenceSession(reshape_model) as session:
+        out = session.run(None, {"x": np.ones((1, 6), np.float32), "shape": np.array([3, 2])})[0]
+        assert out.dtype == np.float32 and out.shape == (3, 2)
+
+
+def test_results_match_plain_onnxruntime(add_model):
+    rng = np.random.default_rng(1)
+    a, b = rng.random((1, 4), dtype=np.float32), rng.random((1, 4), dtype=np.float32)
+    reference = ort.InferenceSession(add_model, providers=["CPUExecutionProvider"]).run(None, {"a": a, "b": b})
+    with ezrt.InferenceSession(add_model, provider_options={"schedule": [0], "threads_per_core": 2}) as session:
+        for mine, theirs in zip(session.run(None, {"a": a, "b": b}), reference):
+            np.testing.assert_array_equal(mine, theirs)
+
+
+def test_no_warnings_on_a_plain_session(add_model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with ezrt.InferenceSession(add_model) as session:
+            session.run(None, [ones(), ones()])
