@@ -44,7 +44,10 @@ def tensor(name: str, elem: int, shape: Optional[Sequence[Any]]) -> onnx.ValueIn
 def add_model() -> bytes:
     """a, b: float [1, 4] -> sum = a + b, prod = a * b."""
     return build_model(
-        [helper.make_node("Add", ["a", "b"], ["sum"]), helper.make_node("Mul", ["a", "b"], ["prod"])],
+        [
+            helper.make_node("Add", ["a", "b"], ["sum"]),
+            helper.make_node("Mul", ["a", "b"], ["prod"]),
+        ],
         [tensor("a", FLOAT, [1, 4]), tensor("b", FLOAT, [1, 4])],
         [tensor("sum", FLOAT, [1, 4]), tensor("prod", FLOAT, [1, 4])],
         metadata={"author": "tests"},

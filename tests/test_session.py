@@ -65,26 +65,35 @@ def test_rknn_bytes_are_recognised_whatever_the_name(tmp_path):
 
 
 def test_use_weight_from_type_check(add_model):
-    with pytest.raises(ezrt.InvalidTypeError, match="use_weight_from must be an InferenceSession or None"):
+    with pytest.raises(
+        ezrt.InvalidTypeError, match="use_weight_from must be an InferenceSession or None"
+    ):
         ezrt.InferenceSession(add_model, use_weight_from="master")  # type: ignore[arg-type]
 
 
 def test_use_weight_from_shares_the_masters_session(add_model, relu_model):
     with ezrt.InferenceSession(add_model) as master:
-        with ezrt.InferenceSession(add_model, use_weight_from=master,
-                                   provider_options={"threads_per_core": 2}) as slave:
+        with ezrt.InferenceSession(
+            add_model, use_weight_from=master, provider_options={"threads_per_core": 2}
+        ) as slave:
             assert slave._backend.master is master._backend.master
             assert slave.run(["prod"], [ones(value=3), ones(value=2)])[0][0, 0] == 6.0
         with pytest.raises(ezrt.InvalidArgumentError, match="must open the same model"):
             ezrt.InferenceSession(relu_model, use_weight_from=master)
-        with pytest.raises(ezrt.InvalidArgumentError, match="use_weight_from cannot be combined with custom-op loading"):
-            ezrt.InferenceSession(add_model, use_weight_from=master,
-                                  provider_options={"custom_op_paths": ["x.so"]})
+        with pytest.raises(
+            ezrt.InvalidArgumentError,
+            match="use_weight_from cannot be combined with custom-op loading",
+        ):
+            ezrt.InferenceSession(
+                add_model, use_weight_from=master, provider_options={"custom_op_paths": ["x.so"]}
+            )
 
 
 def test_custom_op_library_errors(add_model, tmp_path):
     with pytest.raises(ezrt.InvalidArgumentError, match="custom op library not found"):
-        ezrt.InferenceSession(add_model, provider_options={"custom_op_paths": [tmp_path / "none.so"]})
+        ezrt.InferenceSession(
+            add_model, provider_options={"custom_op_paths": [tmp_path / "none.so"]}
+        )
     not_a_library = tmp_path / "libfake.so"
     not_a_library.write_bytes(b"\x7fELF not really")
     with pytest.raises(ezrt.InvalidArgumentError, match="is not an ONNX Runtime custom-op library"):
@@ -92,15 +101,22 @@ def test_custom_op_library_errors(add_model, tmp_path):
 
 
 def test_options_that_do_not_apply_to_onnxruntime_say_why(add_model):
-    with pytest.raises(ezrt.InvalidArgumentError, match="zero_copy_layout selects an RKNN NPU memory layout"):
+    with pytest.raises(
+        ezrt.InvalidArgumentError, match="zero_copy_layout selects an RKNN NPU memory layout"
+    ):
         ezrt.InferenceSession(add_model, provider_options={"zero_copy_layout": "native"})
-    with pytest.raises(ezrt.InvalidArgumentError, match="custom_op_default_path loads RKNN plugins"):
+    with pytest.raises(
+        ezrt.InvalidArgumentError, match="custom_op_default_path loads RKNN plugins"
+    ):
         ezrt.InferenceSession(add_model, provider_options={"custom_op_default_path": True})
 
 
 def test_schedule_core_must_be_usable(add_model):
     too_big = max(allowed_cpus()) + 1
-    with pytest.raises(ezrt.InvalidArgumentError, match=f"schedule core {too_big} is not a CPU this process may use"):
+    with pytest.raises(
+        ezrt.InvalidArgumentError,
+        match=f"schedule core {too_big} is not a CPU this process may use",
+    ):
         ezrt.InferenceSession(add_model, provider_options={"schedule": [0, too_big]})
 
 
@@ -123,10 +139,15 @@ def test_schedule_pins_each_worker_to_its_cpu(add_model):
     cores = allowed_cpus()[:2]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ezrt.backends.onnxruntime.OrtWorker, "run", spy)
-        with ezrt.InferenceSession(add_model, provider_options={"schedule": cores, "max_queue_size": 8}) as session:
+        with ezrt.InferenceSession(
+            add_model, provider_options={"schedule": cores, "max_queue_size": 8}
+        ) as session:
             session.run(None, [ones(), ones()], {"ztu_modelrt_dispatch_batch": False})
-            session.run(None, [np.ones((6, 4), np.float32), np.ones((6, 4), np.float32)],
-                        {"ztu_modelrt_dispatch_batch": True})
+            session.run(
+                None,
+                [np.ones((6, 4), np.float32), np.ones((6, 4), np.float32)],
+                {"ztu_modelrt_dispatch_batch": True},
+            )
     for name, affinity in seen.items():
         core = int(name.rsplit("core", 1)[1])
         assert affinity == {core}, (name, affinity)
@@ -134,7 +155,9 @@ def test_schedule_pins_each_worker_to_its_cpu(add_model):
 
 
 def test_unsupported_or_missing_providers(add_model):
-    with pytest.raises(ezrt.InvalidArgumentError, match="Unsupported provider: TensorrtExecutionProvider"):
+    with pytest.raises(
+        ezrt.InvalidArgumentError, match="Unsupported provider: TensorrtExecutionProvider"
+    ):
         ezrt.InferenceSession(add_model, providers=["TensorrtExecutionProvider"])
     with pytest.raises(ezrt.InvalidTypeError, match="providers must be a list"):
         ezrt.InferenceSession(add_model, providers="CPUExecutionProvider")  # type: ignore[arg-type]
@@ -143,7 +166,9 @@ def test_unsupported_or_missing_providers(add_model):
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA present")
 def test_cuda_requested_without_cuda_falls_back_with_a_warning(add_model):
     with pytest.warns(RuntimeWarning, match="CUDAExecutionProvider is not available"):
-        session = ezrt.InferenceSession(add_model, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        session = ezrt.InferenceSession(
+            add_model, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+        )
     with session:
         assert session.get_providers() == ["CPUExecutionProvider"]
 
@@ -163,8 +188,10 @@ def test_user_session_options_are_used_and_left_as_they_were(add_model):
 def test_introspection_matches_onnxruntime(add_model):
     reference = ort.InferenceSession(add_model, providers=["CPUExecutionProvider"])
     with ezrt.InferenceSession(add_model) as session:
-        for mine, theirs in zip(session.get_inputs() + session.get_outputs(),
-                                reference.get_inputs() + reference.get_outputs()):
+        for mine, theirs in zip(
+            session.get_inputs() + session.get_outputs(),
+            reference.get_inputs() + reference.get_outputs(),
+        ):
             assert (mine.name, mine.shape, mine.type) == (theirs.name, theirs.shape, theirs.type)
         assert session.input_names == ["a", "b"] and session.output_names == ["sum", "prod"]
         assert session.get_providers() == ["CPUExecutionProvider"]
@@ -187,7 +214,10 @@ def test_nhwc_layout_reports_and_accepts_nhwc(conv_model):
         assert session.get_inputs()[0].shape == [1, 4, 5, 3]
         out = session.run(None, {"image": image.transpose(0, 2, 3, 1)})[0]
         np.testing.assert_array_equal(out[0, 0], image[0, 2])
-        with pytest.raises(ezrt.InvalidArgumentError, match=r"Input 'image' shape mismatch: expected \[1, 4, 5, 3\], got \[1, 3, 4, 5\]"):
+        with pytest.raises(
+            ezrt.InvalidArgumentError,
+            match=r"Input 'image' shape mismatch: expected \[1, 4, 5, 3\], got \[1, 3, 4, 5\]",
+        ):
             session.run(None, {"image": image})
 
 
@@ -222,22 +252,58 @@ def test_single_array_feed(relu_model):
 @pytest.mark.parametrize(
     "feed, error, message",
     [
-        (np.ones((1, 4), np.float32), ezrt.InvalidArgumentError, "Model expects 2 inputs, but a single array was given"),
+        (
+            np.ones((1, 4), np.float32),
+            ezrt.InvalidArgumentError,
+            "Model expects 2 inputs, but a single array was given",
+        ),
         ({"a": ones()}, ezrt.InvalidArgumentError, r"Input dict size mismatch: expected 2, got 1"),
-        ({"a": ones(), "b": ones(), "c": ones()}, ezrt.InvalidArgumentError, r"expected 2, got 3 .*unknown names: 'c'"),
+        (
+            {"a": ones(), "b": ones(), "c": ones()},
+            ezrt.InvalidArgumentError,
+            r"expected 2, got 3 .*unknown names: 'c'",
+        ),
         ({"a": ones(), "c": ones()}, ezrt.InvalidArgumentError, "Missing input: b"),
         ([ones()], ezrt.InvalidArgumentError, "Input list size mismatch: expected 2, got 1"),
         ("ab", ezrt.InvalidTypeError, "input_feed must be a numpy array, list/tuple, or dict"),
         (None, ezrt.InvalidTypeError, "input_feed must be a numpy array, list/tuple, or dict"),
         ({"a": ones(), "b": None}, ezrt.InvalidTypeError, "Input 'b' is None"),
-        ({"a": ones(), "b": np.ones((1, 4))}, ezrt.InvalidTypeError, "Input 'b' dtype mismatch: expected float32, got float64"),
-        ({"a": ones(), "b": np.ones((1, 4), np.int32)}, ezrt.InvalidTypeError, "expected float32, got int32"),
-        ({"a": ones(), "b": np.ones((1, 4), object)}, ezrt.InvalidTypeError, "expected float32, got object"),
+        (
+            {"a": ones(), "b": np.ones((1, 4))},
+            ezrt.InvalidTypeError,
+            "Input 'b' dtype mismatch: expected float32, got float64",
+        ),
+        (
+            {"a": ones(), "b": np.ones((1, 4), np.int32)},
+            ezrt.InvalidTypeError,
+            "expected float32, got int32",
+        ),
+        (
+            {"a": ones(), "b": np.ones((1, 4), object)},
+            ezrt.InvalidTypeError,
+            "expected float32, got object",
+        ),
         ({"a": ones(), "b": [["x"] * 4]}, ezrt.InvalidTypeError, "Input 'b' dtype mismatch"),
-        ({"a": ones(), "b": [[1.5], [2, 3]]}, ezrt.InvalidTypeError, "Input 'b' could not be converted"),
-        ({"a": ones(), "b": np.ones((4,), np.float32)}, ezrt.InvalidArgumentError, r"Input rank mismatch: expected 2, got 1 \(input 'b'"),
-        ({"a": ones(), "b": np.ones((1, 5), np.float32)}, ezrt.InvalidArgumentError, r"Input 'b' shape mismatch: expected \[1, 4\], got \[1, 5\]"),
-        ({"a": ones(), "b": np.float32(1)}, ezrt.InvalidArgumentError, "Input rank mismatch: expected 2, got 0"),
+        (
+            {"a": ones(), "b": [[1.5], [2, 3]]},
+            ezrt.InvalidTypeError,
+            "Input 'b' could not be converted",
+        ),
+        (
+            {"a": ones(), "b": np.ones((4,), np.float32)},
+            ezrt.InvalidArgumentError,
+            r"Input rank mismatch: expected 2, got 1 \(input 'b'",
+        ),
+        (
+            {"a": ones(), "b": np.ones((1, 5), np.float32)},
+            ezrt.InvalidArgumentError,
+            r"Input 'b' shape mismatch: expected \[1, 4\], got \[1, 5\]",
+        ),
+        (
+            {"a": ones(), "b": np.float32(1)},
+            ezrt.InvalidArgumentError,
+            "Input rank mismatch: expected 2, got 0",
+        ),
     ],
 )
 def test_feed_errors_name_the_input(add_session, feed, error, message):
@@ -249,16 +315,24 @@ def test_feed_errors_name_the_input(add_session, feed, error, message):
 
 def test_floats_never_truncate_into_ints(reshape_model):
     with ezrt.InferenceSession(reshape_model) as session:
-        with pytest.raises(ezrt.InvalidTypeError, match="Input 'shape' dtype mismatch: expected int64"):
+        with pytest.raises(
+            ezrt.InvalidTypeError, match="Input 'shape' dtype mismatch: expected int64"
+        ):
             session.run(None, {"x": np.ones((1, 6), np.float32), "shape": [2.5, 3]})
-        assert session.run(None, {"x": np.ones((1, 6), np.float32), "shape": [2, 3]})[0].shape == (2, 3)
+        assert session.run(None, {"x": np.ones((1, 6), np.float32), "shape": [2, 3]})[0].shape == (
+            2,
+            3,
+        )
 
 
 def test_symbolic_dims_accept_any_size(relu_model):
     with ezrt.InferenceSession(relu_model) as session:
         for n in (0, 1, 7):
             assert session.run(None, np.ones((n, 3), np.float32))[0].shape == (n, 3)
-        with pytest.raises(ezrt.InvalidArgumentError, match=r"Input 'x' shape mismatch: expected \[N, 3\], got \[2, 4\]"):
+        with pytest.raises(
+            ezrt.InvalidArgumentError,
+            match=r"Input 'x' shape mismatch: expected \[N, 3\], got \[2, 4\]",
+        ):
             session.run(None, np.ones((2, 4), np.float32))
 
 
@@ -294,10 +368,12 @@ def test_output_filtering_order_and_duplicates(add_session):
 
 @pytest.mark.parametrize(
     "names, error, message",
-    [(["nope"], ezrt.InvalidArgumentError, "Unknown output name: nope"),
-     ("sum", ezrt.InvalidTypeError, "output_names must be a sequence or None"),
-     ([1], ezrt.InvalidTypeError, "output_names must contain strings"),
-     (3, ezrt.InvalidTypeError, "output_names must be a sequence or None")],
+    [
+        (["nope"], ezrt.InvalidArgumentError, "Unknown output name: nope"),
+        ("sum", ezrt.InvalidTypeError, "output_names must be a sequence or None"),
+        ([1], ezrt.InvalidTypeError, "output_names must contain strings"),
+        (3, ezrt.InvalidTypeError, "output_names must be a sequence or None"),
+    ],
 )
 def test_output_name_errors(add_session, names, error, message):
     with pytest.raises(error, match=message):
@@ -313,8 +389,12 @@ def test_outputs_keep_onnxruntime_dtypes(reshape_model):
 def test_results_match_plain_onnxruntime(add_model):
     rng = np.random.default_rng(1)
     a, b = rng.random((1, 4), dtype=np.float32), rng.random((1, 4), dtype=np.float32)
-    reference = ort.InferenceSession(add_model, providers=["CPUExecutionProvider"]).run(None, {"a": a, "b": b})
-    with ezrt.InferenceSession(add_model, provider_options={"schedule": [0], "threads_per_core": 2}) as session:
+    reference = ort.InferenceSession(add_model, providers=["CPUExecutionProvider"]).run(
+        None, {"a": a, "b": b}
+    )
+    with ezrt.InferenceSession(
+        add_model, provider_options={"schedule": [0], "threads_per_core": 2}
+    ) as session:
         for mine, theirs in zip(session.run(None, {"a": a, "b": b}), reference):
             np.testing.assert_array_equal(mine, theirs)
 

@@ -70,7 +70,7 @@ class Measurement:
 Contender = Callable[[float], int]
 
 
-def _loop(call: Callable[[], None], duration: float) -> int:
+def _loop(call: Callable[[], object], duration: float) -> int:
     count = 0
     end = time.perf_counter() + duration
     while time.perf_counter() < end:
@@ -118,7 +118,9 @@ def naive_pool(model: Union[str, bytes], feed: Dict[str, np.ndarray], n: int) ->
     return run
 
 
-def ort_run_async(model: Union[str, bytes], feed: Dict[str, np.ndarray], in_flight: int) -> Contender:
+def ort_run_async(
+    model: Union[str, bytes], feed: Dict[str, np.ndarray], in_flight: int
+) -> Contender:
     """ORT's own ``run_async`` with a bounded number of tasks in flight."""
     import onnxruntime as ort
 
@@ -212,7 +214,7 @@ def standard_contenders(
     feed: Optional[Dict[str, np.ndarray]] = None,
     batch: int = 8,
     max_queue_size: int = 3,
-) -> "tuple[Dict[str, Contender], List[InferenceSession]]":
+) -> tuple[Dict[str, Contender], List[InferenceSession]]:
     """The BENCHMARKS.md baselines and ezrt's call styles, on ``workers`` CPU cores.
 
     Returns the contenders and the ezrt sessions (close them when done).

@@ -36,7 +36,9 @@ def _bench(args: argparse.Namespace) -> int:
     base = results["ort-sync-1t"].median
     pool = next(m.median for name, m in results.items() if name.startswith("naive-pool"))
     width = max(len(name) for name in results)
-    print(f"\n{'contender':<{width}}  {'samples/s':>10}  {'x ort-sync-1t':>13}  {'x naive-pool':>12}")
+    print(
+        f"\n{'contender':<{width}}  {'samples/s':>10}  {'x ort-sync-1t':>13}  {'x naive-pool':>12}"
+    )
     for name, measurement in results.items():
         value = measurement.median
         print(f"{name:<{width}}  {value:>10.1f}  {value / base:>13.2f}  {value / pool:>12.2f}")

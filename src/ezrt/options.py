@@ -11,7 +11,19 @@ import operator
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, TypedDict, Union
+from typing import (
+    Any,
+    Dict,
+    FrozenSet,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    TypedDict,
+    Union,
+)
 
 import numpy as np
 
@@ -131,7 +143,7 @@ class SessionConfig:
     custom_op_default_path: bool = False
     dispatch_policy: str = "round_robin"
     #: The keys the user actually gave, for "not meaningful on this backend" errors.
-    given: frozenset = field(default_factory=frozenset)
+    given: FrozenSet[str] = field(default_factory=frozenset)
 
     @property
     def tp_mask(self) -> int:
@@ -215,7 +227,7 @@ def _parse_schedule(value: object) -> Tuple[int, ...]:
                     f"schedule must contain integers (got {token!r} in {value!r})"
                 )
             cores.append(int(token))
-    elif isinstance(value, (bytes, bytearray)) or isinstance(value, Mapping):
+    elif isinstance(value, (bytes, bytearray, Mapping)):
         raise InvalidTypeError(
             f"schedule must be an integer, string, or sequence (got {_describe(value)})"
         )
@@ -258,9 +270,7 @@ def _parse_layout(value: object) -> str:
 def _parse_zero_copy_layout(value: object) -> str:
     text = _text("zero_copy_layout", value)
     if text.lower() not in _ZERO_COPY_LAYOUTS:
-        raise InvalidArgumentError(
-            f"Unknown zero_copy_layout: {text}, expected 'nhwc' or 'native'"
-        )
+        raise InvalidArgumentError(f"Unknown zero_copy_layout: {text}, expected 'nhwc' or 'native'")
     return text.lower()
 
 
@@ -353,8 +363,7 @@ def parse_provider_options(
             foreign[key] = value
         else:
             raise InvalidArgumentError(
-                f"Unknown provider_options key: {key}. Supported keys: "
-                + ", ".join(SUPPORTED_KEYS)
+                f"Unknown provider_options key: {key}. Supported keys: " + ", ".join(SUPPORTED_KEYS)
             )
     if "schedule" in values and "tp_mode" in values:
         raise InvalidArgumentError(

@@ -109,7 +109,7 @@ def _normalise_providers(providers: Any) -> List[Tuple[str, Dict[str, Any]]]:
             "providers must be a list of provider names or (name, options) pairs "
             f"(got {type(providers).__name__})"
         )
-    normalised = []
+    normalised: List[Tuple[str, Dict[str, Any]]] = []
     for entry in providers:
         if isinstance(entry, str):
             normalised.append((entry, {}))
@@ -181,7 +181,7 @@ class InferenceSession:
         providers: Optional[Sequence[Union[str, Tuple[str, Dict[str, Any]]]]] = None,
         provider_options: Optional[Union[Mapping[str, Any], Sequence[Mapping[str, Any]]]] = None,
         *,
-        use_weight_from: Optional["InferenceSession"] = None,
+        use_weight_from: Optional[InferenceSession] = None,
     ) -> None:
         self._engine: Optional[Engine] = None
         if use_weight_from is not None and not isinstance(use_weight_from, InferenceSession):
@@ -384,9 +384,7 @@ class InferenceSession:
         An exception raised by the callback is logged (logger ``ezrt``) and delivery goes on.
         """
         if not callable(callback):
-            raise InvalidTypeError(
-                f"callback must be callable (got {type(callback).__name__})"
-            )
+            raise InvalidTypeError(f"callback must be callable (got {type(callback).__name__})")
         if _dispatch_batch(run_options):
             raise InvalidArgumentError(
                 f"run_async does not support {DISPATCH_BATCH_KEY}=True; use run() for batches"
@@ -499,7 +497,7 @@ class InferenceSession:
     def closed(self) -> bool:
         return self._engine is None or self._engine.closed
 
-    def __enter__(self) -> "InferenceSession":
+    def __enter__(self) -> InferenceSession:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -31,8 +31,11 @@ class Worker(Protocol):
 
 
 class Backend(Protocol):
-    inputs: Sequence[TensorSpec]
-    outputs: Sequence[TensorSpec]
+    @property
+    def inputs(self) -> Sequence[TensorSpec]: ...
+
+    @property
+    def outputs(self) -> Sequence[TensorSpec]: ...
 
     def metadata(self) -> ModelMetadata: ...
 

@@ -19,7 +19,6 @@ import functools
 import hashlib
 import os
 import threading
-import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import BackendUnavailableError, InferenceError, InvalidArgumentError
@@ -90,7 +89,7 @@ class OrtBackend:
         device: str = CPU,
         sess_options: Any = None,
         ep_options: Optional[Dict[str, Any]] = None,
-        share_with: Optional["OrtBackend"] = None,
+        share_with: Optional[OrtBackend] = None,
     ) -> None:
         self._ort = _ort()
         self.model = model
@@ -106,6 +105,7 @@ class OrtBackend:
         self._intra, self._affinities = self._plan_threads()
         self._sessions: Dict[Optional[int], Any] = {}
         self._spare: List[Any] = []
+        self.master: Any  # the ORT session used for metadata (and shared by default)
         if share_with is not None:
             if share_with.model_digest != self.model_digest or share_with.device != device:
                 raise InvalidArgumentError(
@@ -181,7 +181,7 @@ class OrtBackend:
         if self.device == CUDA:
             return None, None
         if config.schedule is not None:
-            for core in config.routes:
+            for core in set(config.schedule):
                 self._pins[core] = [core] if _CAN_PIN else None
             return 1, None
         if config.tp_mode is None or config.tp_mode == "auto":
@@ -235,7 +235,9 @@ class OrtBackend:
                 if self._intra is not None:
                     options.intra_op_num_threads = self._intra
                     options.inter_op_num_threads = 1
-                session = ort.InferenceSession(self.model, sess_options=options, providers=providers)
+                session = ort.InferenceSession(
+                    self.model, sess_options=options, providers=providers
+                )
             except InvalidArgumentError:
                 raise
             except Exception as exc:
@@ -244,7 +246,8 @@ class OrtBackend:
                 options.intra_op_num_threads, options.inter_op_num_threads = saved
         if self.device == CUDA and CUDA not in session.get_providers():
             raise BackendUnavailableError(
-                f"CUDAExecutionProvider could not be initialised for device {providers[0][1]['device_id']} "
+                "CUDAExecutionProvider could not be initialised for device "
+                f"{providers[0][1]['device_id']} "
                 f"(onnxruntime used {session.get_providers()}); check the CUDA/cuDNN install"
             )
         return session
@@ -313,5 +316,3 @@ def _ranges(cpus: Sequence[int]) -> str:
 
 def available_providers() -> List[str]:
     return list(_ort().get_available_providers())
-
-

@@ -46,7 +46,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Set, Tuple
 
 from ..errors import (
     EzrtError,
@@ -119,7 +119,7 @@ class Task:
 
 
 # Engines alive in this process: closed at interpreter exit, poisoned in a fork child.
-_live_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+_live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 _session_numbers = itertools.count()
 
 
@@ -179,7 +179,7 @@ class Engine:
 
         number = next(_session_numbers)
         self._worker_threads: List[threading.Thread] = []
-        self._worker_idents: set = set()
+        self._worker_idents: Set[int] = set()
         n_workers = config.threads_per_core * len(self._routes)
         for i in range(n_workers):
             route = i % len(self._routes)
@@ -236,7 +236,9 @@ class Engine:
     def closed(self) -> bool:
         return self._stopping
 
-    def close(self, *, cancel: bool = False, wait: bool = True, timeout: Optional[float] = None) -> bool:
+    def close(
+        self, *, cancel: bool = False, wait: bool = True, timeout: Optional[float] = None
+    ) -> bool:
         """Stop accepting tasks; drain (default) or cancel what is queued; join the threads.
 
         Cancelled tasks complete with :class:`SessionClosedError`. Running tasks always finish.
@@ -437,7 +439,9 @@ class Engine:
                         self._busy[route] -= 1
                         if config.pacing:
                             avg = self._avg_compute
-                            self._avg_compute = compute if avg == 0.0 else 0.95 * avg + 0.05 * compute
+                            self._avg_compute = (
+                                compute if avg == 0.0 else 0.95 * avg + 0.05 * compute
+                            )
                         call_directly = self._record(*finished)
                     while not queue and not self._stopping and not call_directly:
                         self._idle[route] += 1
