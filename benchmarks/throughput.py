@@ -63,6 +63,39 @@ def scaling(rounds: int, seconds: float) -> None:
         )
 
 
+def streaming(rounds: int, seconds: float) -> None:
+    """imap (futures) against run_async with callbacks: the same model, workers and window."""
+    from ezrt.bench import ezrt_run_async, make_feed
+
+    workers = len(allowed_cpus())
+    session = InferenceSession(
+        demo_model_path(), provider_options={"schedule": list(range(workers)), "max_queue_size": 8}
+    )
+    feed = make_feed(session.get_inputs())
+
+    def imap(duration: float) -> int:
+        end = time.perf_counter() + duration
+
+        def feeds():  # stop producing at the deadline; the in-flight wave finishes
+            while time.perf_counter() < end:
+                yield feed
+
+        return sum(1 for _ in session.imap(feeds()))
+
+    print(f"== streaming: demo CNN, {workers} workers, {rounds} rounds x {seconds:g} s, medians")
+    try:
+        results = run_rounds(
+            {"run_async + callback": ezrt_run_async(session, feed), "imap": imap},
+            rounds=rounds,
+            seconds=seconds,
+        )
+    finally:
+        session.close()
+    base = results["run_async + callback"].median
+    for name, m in results.items():
+        print(f"  {name:<22} {m.median:8.1f}/s  x run_async {m.median / base:5.2f}")
+
+
 def overhead(rounds: int, n: int) -> None:
     import onnxruntime as ort
 
@@ -130,6 +163,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=10000, help="tasks per overhead round")
     args = parser.parse_args()
     scaling(args.rounds, args.seconds)
+    streaming(args.rounds, args.seconds)
     overhead(args.rounds, args.tasks)
 
 

@@ -13,11 +13,13 @@ from typing import Mapping
 __all__ = [
     "BackendUnavailableError",
     "BatchInferenceError",
+    "DeadlineExceededError",
     "EzrtError",
     "InferenceError",
     "InvalidArgumentError",
     "InvalidTypeError",
     "PacingDropError",
+    "PipelineFullError",
     "ReentrancyError",
     "SessionClosedError",
     "SubmitTimeoutError",
@@ -36,8 +38,16 @@ class InvalidTypeError(EzrtError, TypeError):
     """An argument or provider option has a type ezrt does not accept."""
 
 
-class SubmitTimeoutError(EzrtError):
+class SubmitTimeoutError(EzrtError, TimeoutError):
     """The pipeline stayed full for ``submit_timeout_ms``; the task was not accepted."""
+
+
+class PipelineFullError(SubmitTimeoutError):
+    """A non-blocking submit found the pipeline full; the task was not accepted."""
+
+
+class DeadlineExceededError(EzrtError, TimeoutError):
+    """A task's deadline passed before a worker started it; it never ran."""
 
 
 class SessionClosedError(EzrtError):

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import threading
+import time
 import warnings
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Deque,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import numpy as np
 
+from . import streaming
 from .backends.base import Backend, Request
 from .engine.core import Engine, EngineConfig
 from .errors import (
@@ -18,6 +37,7 @@ from .errors import (
     EzrtError,
     InvalidArgumentError,
     InvalidTypeError,
+    PipelineFullError,
 )
 from .io import FeedParser, ModelMetadata, NodeArg, OutputSelection, concat_batch
 from .options import (
@@ -36,6 +56,9 @@ _ORT_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 _RKNN_MAGICS = (b"RKNN", b"CYPTRKNN")
 
 Callback = Callable[[Optional[List[np.ndarray]], Any, str], None]
+Future = concurrent.futures.Future
+# A validated task ready for the engine: payload, output arrangement, monotonic deadline.
+_Prepared = Tuple[Request, OutputSelection, Optional[float]]
 ModelSource = Union[str, bytes, bytearray, memoryview, "os.PathLike[str]"]
 
 
@@ -453,6 +476,161 @@ class InferenceSession:
         if first_error is not None and not return_exceptions:
             raise first_error
         return results
+
+    # ------------------------------------------------------------------ futures, asyncio, streams
+
+    def _prepare(
+        self, output_names: Any, input_feed: Any, run_options: Any, deadline: Any, what: str
+    ) -> _Prepared:
+        """Validate and copy on the caller's thread; the deadline clock starts here."""
+        if _dispatch_batch(run_options):
+            raise InvalidArgumentError(
+                f"{what} does not support {DISPATCH_BATCH_KEY}=True; use run() for batches"
+            )
+        expires_at = None
+        if deadline is not None:
+            if isinstance(deadline, bool) or not isinstance(deadline, (int, float)):
+                raise InvalidTypeError(
+                    f"deadline must be a number of seconds or None (got {deadline!r})"
+                )
+            expires_at = time.monotonic() + float(deadline)
+        selection = self._parser.select_outputs(output_names)
+        arrays = self._parser.parse(input_feed, copy=True)
+        return Request(arrays, selection.fetch), selection, expires_at
+
+    def _enqueue(self, prepared: _Prepared, *, wait: bool, what: str) -> Future[List[Any]]:
+        request, selection, expires_at = prepared
+        engine = self._live_engine()
+        future: Future[List[Any]] = Future()
+
+        def settle(result: Any, error: Optional[BaseException]) -> None:
+            try:
+                if error is None:
+                    future.set_result(selection.arrange(result))
+                else:
+                    future.set_exception(error)
+            except concurrent.futures.InvalidStateError:
+                pass  # cancelled by its owner meanwhile: nobody wants the outcome
+
+        task = engine.submit(
+            request,
+            settle,
+            delivered=False,
+            what=what,
+            wait=wait,
+            on_start=future.set_running_or_notify_cancel,
+            expires_at=expires_at,
+        )
+        future.add_done_callback(lambda done: done.cancelled() and engine.cancel(task))
+        return future
+
+    def submit(
+        self,
+        output_names: Optional[Sequence[str]],
+        input_feed: Any,
+        run_options: Any = None,
+        *,
+        deadline: Optional[float] = None,
+    ) -> Future[List[np.ndarray]]:
+        """Queue one inference; return a ``concurrent.futures.Future`` of its outputs.
+
+        The future holds the output list, or the task's error as its exception. It is
+        resolved on the worker thread that ran the task (so are its done-callbacks).
+        ``future.cancel()`` succeeds while the task is still queued: it never runs and its
+        slot frees at once. ``deadline`` is in seconds from this call: a task that has not
+        started by then completes with :class:`ezrt.DeadlineExceededError`, promptly, even if
+        no worker frees. Blocks while the pipeline is full, like ``run_async``.
+        """
+        prepared = self._prepare(output_names, input_feed, run_options, deadline, "submit")
+        return self._enqueue(prepared, wait=True, what="submit")
+
+    async def _asubmit(
+        self, output_names: Any, input_feed: Any, run_options: Any, deadline: Any
+    ) -> asyncio.Future[List[Any]]:
+        """Admit without blocking the event loop: at once when there is room, else the
+        admission wait runs on an executor thread. Returns an asyncio future."""
+        loop = asyncio.get_running_loop()
+        prepared = self._prepare(output_names, input_feed, run_options, deadline, "arun")
+        try:
+            future = self._enqueue(prepared, wait=False, what="arun")
+        except PipelineFullError:
+            admission = loop.run_in_executor(
+                None, lambda: self._enqueue(prepared, wait=True, what="arun")
+            )
+            try:
+                future = await asyncio.shield(admission)
+            except asyncio.CancelledError:
+                # The awaiting task went away mid-admission: withdraw the task once admitted.
+                admission.add_done_callback(
+                    lambda done: done.exception() is None and done.result().cancel()
+                )
+                raise
+        return asyncio.wrap_future(future, loop=loop)
+
+    async def arun(
+        self,
+        output_names: Optional[Sequence[str]],
+        input_feed: Any,
+        run_options: Any = None,
+        *,
+        deadline: Optional[float] = None,
+    ) -> List[np.ndarray]:
+        """``await`` one inference from asyncio without ever blocking the event loop.
+
+        Under back-pressure the admission wait runs on an executor thread. Cancelling the
+        awaiting task cancels the inference if it has not started. ``deadline`` as in
+        :meth:`submit`.
+        """
+        return await (await self._asubmit(output_names, input_feed, run_options, deadline))
+
+    def _default_window(self) -> int:
+        return self._live_engine().worker_count + self._config.max_queue_size
+
+    def imap(
+        self,
+        feeds: Iterable[Any],
+        output_names: Optional[Sequence[str]] = None,
+        *,
+        ordered: bool = True,
+        max_in_flight: Optional[int] = None,
+        return_exceptions: bool = False,
+    ) -> Iterator[Any]:
+        """Run every feed of an iterable (a video, a dataset) and yield the outputs.
+
+        At most ``max_in_flight`` tasks are in flight (default: workers + ``max_queue_size``,
+        enough to keep every worker busy), so memory stays bounded however long ``feeds``
+        is. Results come in input order when ``ordered``, else as they complete. A failed
+        item raises its error when reached, or is yielded as the exception object with
+        ``return_exceptions``. Leaving the loop early cancels what is still queued.
+        """
+        window = streaming.check_window(max_in_flight, self._default_window())
+        return streaming.imap(
+            lambda feed: self.submit(output_names, feed),
+            feeds,
+            window,
+            ordered,
+            return_exceptions,
+        )
+
+    def aimap(
+        self,
+        feeds: Union[Iterable[Any], AsyncIterable[Any]],
+        output_names: Optional[Sequence[str]] = None,
+        *,
+        ordered: bool = True,
+        max_in_flight: Optional[int] = None,
+        return_exceptions: bool = False,
+    ) -> AsyncIterator[Any]:
+        """The asyncio counterpart of :meth:`imap` (``async for out in session.aimap(...)``);
+        ``feeds`` may be an async or a plain iterable. The event loop is never blocked."""
+        window = streaming.check_window(max_in_flight, self._default_window())
+        return streaming.aimap(
+            lambda feed: self._asubmit(output_names, feed, None, None),
+            feeds,
+            window,
+            ordered,
+            return_exceptions,
+        )
 
     # ------------------------------------------------------------------ zero copy
 

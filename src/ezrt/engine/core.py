@@ -38,6 +38,7 @@ queue space (workers free it) but never for callback-stage space (only it frees 
 from __future__ import annotations
 
 import atexit
+import heapq
 import itertools
 import logging
 import os
@@ -49,8 +50,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Set, Tuple
 
 from ..errors import (
+    DeadlineExceededError,
     EzrtError,
     PacingDropError,
+    PipelineFullError,
     ReentrancyError,
     SessionClosedError,
     SubmitTimeoutError,
@@ -106,12 +109,34 @@ class EngineConfig:
 class Task:
     """One accepted unit of work. ``state`` moves QUEUED -> RUNNING -> DONE, or QUEUED -> DONE."""
 
-    __slots__ = ("delivered", "on_done", "payload", "route", "seq", "state", "submitted_at")
+    __slots__ = (
+        "delivered",
+        "expires_at",
+        "on_done",
+        "on_start",
+        "payload",
+        "route",
+        "seq",
+        "state",
+        "submitted_at",
+    )
 
-    def __init__(self, payload: Any, on_done: Completion, delivered: bool) -> None:
+    def __init__(
+        self,
+        payload: Any,
+        on_done: Completion,
+        delivered: bool,
+        on_start: Optional[Callable[[], bool]] = None,
+        expires_at: Optional[float] = None,
+    ) -> None:
         self.payload = payload
         self.on_done = on_done
         self.delivered = delivered
+        #: Called by the worker before running; False means the task was withdrawn (a
+        #: cancelled future): it is skipped and its completion is not called.
+        self.on_start = on_start
+        #: time.monotonic() by which the task must have started, else it fails unrun.
+        self.expires_at = expires_at
         self.route = 0
         self.seq = -1
         self.state = _QUEUED
@@ -148,6 +173,12 @@ class Engine:
         self._space_waiters = 0
         self._work = [threading.Condition(self._lock) for _ in self._routes]
         self._ready_cv = threading.Condition(self._lock)
+        # Deadlines: a heap of (expires_at, tiebreak, task) served by a thread started on
+        # first use; it fails queued tasks at their deadline even when no worker frees.
+        self._expiry_cv = threading.Condition(self._lock)
+        self._expiries: List[Tuple[float, int, Task]] = []
+        self._expiry_tiebreak = itertools.count()
+        self._expiry_thread: Optional[threading.Thread] = None
         self._queues: List[Deque[Task]] = [deque() for _ in self._routes]
         self._busy = [0] * len(self._routes)
         # Sleepers, so that a notify is only paid for when someone is actually waiting.
@@ -174,6 +205,7 @@ class Engine:
             "failed": 0,
             "dropped": 0,
             "cancelled": 0,
+            "expired": 0,
             "timed_out": 0,
         }
 
@@ -261,22 +293,27 @@ class Engine:
                 cv.notify_all()
             self._space.notify_all()
             self._ready_cv.notify_all()
+            self._expiry_cv.notify_all()
         for task in direct:
             self._call(task, None, error)
         if not wait:
             return False
         deadline = None if timeout is None else time.monotonic() + timeout
         me = threading.current_thread()
-        for thread in [*self._worker_threads, self._delivery_thread]:
+        threads = self.threads()
+        for thread in threads:
             if thread is me or not thread.is_alive():
                 continue
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return not any(
-            t.is_alive() for t in [*self._worker_threads, self._delivery_thread] if t is not me
-        )
+        return not any(t.is_alive() for t in threads if t is not me)
+
+    @property
+    def worker_count(self) -> int:
+        return len(self._worker_threads)
 
     def threads(self) -> List[threading.Thread]:
-        return [*self._worker_threads, self._delivery_thread]
+        extra = [self._expiry_thread] if self._expiry_thread is not None else []
+        return [*self._worker_threads, self._delivery_thread, *extra]
 
     # ------------------------------------------------------------------ admission
 
@@ -288,23 +325,33 @@ class Engine:
         delivered: bool,
         what: str = "run",
         timeout: Optional[float] = None,
+        wait: bool = True,
+        on_start: Optional[Callable[[], bool]] = None,
+        expires_at: Optional[float] = None,
     ) -> Task:
         """Accept a task or raise; waits (GIL released) while the pipeline is full.
 
         ``delivered`` tasks complete on the callback thread and need callback-stage room;
         others complete on the worker thread. ``what`` names the caller in error messages.
-        Raises :class:`SubmitTimeoutError` at the deadline, :class:`SessionClosedError` when
-        closed, :class:`ReentrancyError` when waiting could depend on the calling thread.
-        A pacing drop is not raised: the task completes at once with :class:`PacingDropError`.
+        ``timeout`` overrides the configured admission wait; ``wait=False`` raises
+        :class:`PipelineFullError` at once instead of waiting. ``expires_at`` (monotonic
+        time, direct tasks only) bounds the wait too: a task not started by then completes
+        with :class:`DeadlineExceededError`. Raises :class:`SubmitTimeoutError` when the
+        admission wait ends, :class:`SessionClosedError` when closed,
+        :class:`ReentrancyError` when waiting could depend on the calling thread. A pacing
+        drop is not raised: the task completes at once with :class:`PacingDropError`.
         """
         self._check_usable()
-        task = Task(payload, on_done, delivered)
+        if expires_at is not None and delivered:
+            raise ValueError("deadlines are for directly completed tasks")
+        task = Task(payload, on_done, delivered, on_start, expires_at)
         ident = threading.get_ident()
         on_worker = ident in self._worker_idents
         on_delivery = ident == self._delivery_ident
         config = self.config
         deadline: Optional[float] = None
-        drop: Optional[PacingDropError] = None
+        wait_started = 0.0
+        failure: Optional[EzrtError] = None
         with self._lock:
             while True:
                 if self._stopping:
@@ -313,6 +360,11 @@ class Engine:
                 stage_full = delivered and self._undelivered >= config.max_undelivered
                 if not queue_full and not stage_full:
                     break
+                if not wait:
+                    raise PipelineFullError(
+                        f"{what} rejected: async queue/callback pipeline is full "
+                        f"({self._queued} queued, {self._undelivered} results awaiting callbacks)"
+                    )
                 if on_worker or (on_delivery and stage_full):
                     raise ReentrancyError(
                         f"{what} called from an ezrt {'worker' if on_worker else 'callback'} "
@@ -321,17 +373,22 @@ class Engine:
                     )
                 now = time.monotonic()
                 if deadline is None:
+                    wait_started = now
                     deadline = now + (config.submit_timeout_s if timeout is None else timeout)
+                if expires_at is not None and now >= expires_at:
+                    failure = self._expired_error(task, now)
+                    break
                 if now >= deadline:
                     self.counts["timed_out"] += 1
                     raise SubmitTimeoutError(
                         f"{what} submit timed out: async queue/callback pipeline is saturated "
-                        f"(waited {config.submit_timeout_s * 1000:.0f} ms; "
-                        f"{self._queued} queued, {self._undelivered} results awaiting callbacks)"
+                        f"(waited {1000 * (now - wait_started):.0f} ms; {self._queued} queued, "
+                        f"{self._undelivered} results awaiting callbacks)"
                     )
+                until = deadline if expires_at is None else min(deadline, expires_at)
                 self._space_waiters += 1
                 try:
-                    self._space.wait(deadline - now)
+                    self._space.wait(until - now)
                 finally:
                     self._space_waiters -= 1
             self.counts["submitted"] += 1
@@ -340,15 +397,15 @@ class Engine:
             if delivered:
                 task.seq = self._next_seq
                 self._next_seq += 1
-            if config.pacing and self._avg_compute > 0.0:
+            if failure is None and config.pacing and self._avg_compute > 0.0:
                 interval = self._avg_compute / len(self._routes)
                 gap = now - self._last_accepted
                 if gap < interval:
-                    drop = PacingDropError(
+                    failure = PacingDropError(
                         f"{what}: dropped by pacing (arrived {1000 * gap:.2f} ms after the last "
                         f"accepted task; the cores take one every {1000 * interval:.2f} ms)"
                     )
-            if drop is None:
+            if failure is None:
                 self._last_accepted = now
                 route = self._pick_route()
                 task.route = route
@@ -356,12 +413,60 @@ class Engine:
                 self._queued += 1
                 if self._idle[route]:
                     self._work[route].notify()
+                if expires_at is not None:
+                    self._arm_expiry(task)
                 return task
             # Recorded under this same lock, so the callback thread cannot miss it.
-            call_directly = self._record(task, None, drop)
+            call_directly = self._record(task, None, failure)
         if call_directly:
-            self._call(task, None, drop)
+            self._call(task, None, failure)
         return task
+
+    @staticmethod
+    def _expired_error(task: Task, now: float) -> DeadlineExceededError:
+        late = 1000 * (now - (task.expires_at or now))
+        return DeadlineExceededError(
+            f"deadline exceeded: the task did not start in time ({late:.1f} ms past its deadline)"
+        )
+
+    def _arm_expiry(self, task: Task) -> None:
+        """Register a queued task's deadline with the expiry thread (lock held)."""
+        assert task.expires_at is not None
+        heap = self._expiries
+        heapq.heappush(heap, (task.expires_at, next(self._expiry_tiebreak), task))
+        if self._expiry_thread is None:
+            self._expiry_thread = threading.Thread(
+                target=self._expiry_main, name=f"{self.config.name}-deadline", daemon=True
+            )
+            self._expiry_thread.start()
+        elif heap[0][2] is task:
+            self._expiry_cv.notify()
+
+    def _expiry_main(self) -> None:
+        """Fail queued tasks whose deadline passed, without waiting for a worker."""
+        while True:
+            expired: List[Tuple[Task, DeadlineExceededError]] = []
+            with self._lock:
+                while not self._stopping:
+                    now = time.monotonic()
+                    heap = self._expiries
+                    while heap and (heap[0][0] <= now or heap[0][2].state != _QUEUED):
+                        _, _, task = heapq.heappop(heap)
+                        if task.state == _QUEUED:
+                            self._queues[task.route].remove(task)
+                            self._queued -= 1
+                            error = self._expired_error(task, now)
+                            if self._record(task, None, error):
+                                expired.append((task, error))
+                    if expired:
+                        if self._space_waiters:
+                            self._space.notify_all()
+                        break
+                    self._expiry_cv.wait(heap[0][0] - now if heap else None)
+            for task, error in expired:
+                self._call(task, None, error)
+            if not expired:
+                return  # closing: workers fail stale tasks as they reach them
 
     def _pick_route(self) -> int:
         """Choose the route for a new task (lock held)."""
@@ -389,6 +494,7 @@ class Engine:
                 return False
             task.state = _DONE
             self._queued -= 1
+            self.counts["cancelled"] += 1
             if self._space_waiters:
                 self._space.notify_all()
             return True
@@ -462,6 +568,10 @@ class Engine:
                     if call_directly:
                         continue  # go back and wait for work
                     break
+                if (task.expires_at is not None or task.on_start is not None) and not self._begin(
+                    task, route
+                ):
+                    continue
                 started = time.perf_counter()
                 try:
                     result, error = runner.run(task.payload), None
@@ -478,6 +588,32 @@ class Engine:
             with self._lock:
                 self._live_workers -= 1
                 self._ready_cv.notify_all()
+
+    def _begin(self, task: Task, route: int) -> bool:
+        """Last checks on a popped task: False if it must not run (expired or withdrawn)."""
+        if task.expires_at is not None:
+            now = time.monotonic()
+            if now > task.expires_at:
+                error = self._expired_error(task, now)
+                with self._lock:
+                    self._busy[route] -= 1
+                    call_directly = self._record(task, None, error)
+                if call_directly:
+                    self._call(task, None, error)
+                return False
+        if task.on_start is not None:
+            try:
+                proceed = task.on_start()
+            except Exception:
+                logger.exception("ezrt: a task's start hook raised; the task is skipped")
+                proceed = False
+            if not proceed:
+                with self._lock:
+                    self._busy[route] -= 1
+                    task.state = _DONE
+                    self.counts["cancelled"] += 1
+                return False
+        return True
 
     def _complete(self, task: Task, result: Any, error: Optional[BaseException]) -> None:
         """Record a task's outcome exactly once and hand it on (lock not held)."""
@@ -498,6 +634,8 @@ class Engine:
             self.counts["dropped"] += 1
         elif isinstance(error, SessionClosedError):
             self.counts["cancelled"] += 1
+        elif isinstance(error, DeadlineExceededError):
+            self.counts["expired"] += 1
         else:
             self.counts["failed"] += 1
         if not task.delivered:

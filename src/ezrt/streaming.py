@@ -1,0 +1,139 @@
+"""Streams of feeds through a session: ``imap`` (threads) and ``aimap`` (asyncio).
+
+Both keep at most ``window`` tasks in flight (bounded memory whatever the input's length),
+submit the next feed as soon as one result is taken, and yield results in input order
+(``ordered``) or as they complete. Leaving the loop early cancels what is still queued.
+They know nothing of sessions beyond a function that turns a feed into a future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections import deque
+from typing import (
+    Any,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Deque,
+    Iterable,
+    Iterator,
+    Set,
+    Union,
+)
+
+from .errors import InvalidArgumentError, InvalidTypeError
+
+__all__ = ["aimap", "check_window", "imap"]
+
+Future = concurrent.futures.Future
+
+
+def check_window(max_in_flight: Any, default: int) -> int:
+    if max_in_flight is None:
+        return default
+    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int):
+        raise InvalidTypeError(f"max_in_flight must be an integer (got {max_in_flight!r})")
+    if max_in_flight < 1:
+        raise InvalidArgumentError(f"max_in_flight must be >= 1 (got {max_in_flight})")
+    return max_in_flight
+
+
+def _outcome(future: Future[Any], return_exceptions: bool) -> Any:
+    if return_exceptions:
+        error = future.exception()
+        if error is not None:
+            return error
+    return future.result()
+
+
+def imap(
+    submit: Callable[[Any], Future[Any]],
+    feeds: Iterable[Any],
+    window: int,
+    ordered: bool,
+    return_exceptions: bool,
+) -> Iterator[Any]:
+    if ordered:
+        queue: Deque[Future[Any]] = deque()
+        try:
+            for feed in feeds:
+                queue.append(submit(feed))
+                if len(queue) >= window:
+                    yield _outcome(queue.popleft(), return_exceptions)
+            while queue:
+                yield _outcome(queue.popleft(), return_exceptions)
+        finally:
+            for future in queue:
+                future.cancel()
+        return
+    running: Set[Future[Any]] = set()
+    try:
+        for feed in feeds:
+            running.add(submit(feed))
+            while len(running) >= window:
+                done, running = concurrent.futures.wait(
+                    running, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                for future in done:
+                    yield _outcome(future, return_exceptions)
+        for future in concurrent.futures.as_completed(running):
+            running.discard(future)
+            yield _outcome(future, return_exceptions)
+    finally:
+        for future in running:
+            future.cancel()
+
+
+async def _aiterate(feeds: Union[Iterable[Any], AsyncIterable[Any]]) -> AsyncIterator[Any]:
+    if isinstance(feeds, AsyncIterable):
+        async for feed in feeds:
+            yield feed
+    else:
+        for feed in feeds:
+            yield feed
+
+
+async def _aoutcome(future: asyncio.Future[Any], return_exceptions: bool) -> Any:
+    if return_exceptions:
+        try:
+            return await future
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            return error
+    return await future
+
+
+async def aimap(
+    asubmit: Callable[[Any], Awaitable[asyncio.Future[Any]]],
+    feeds: Union[Iterable[Any], AsyncIterable[Any]],
+    window: int,
+    ordered: bool,
+    return_exceptions: bool,
+) -> AsyncIterator[Any]:
+    pending: Deque[asyncio.Future[Any]] = deque()
+    try:
+        async for feed in _aiterate(feeds):
+            pending.append(await asubmit(feed))
+            while len(pending) >= window:
+                if ordered:
+                    yield await _aoutcome(pending.popleft(), return_exceptions)
+                else:
+                    done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for future in done:
+                        pending.remove(future)
+                        yield await _aoutcome(future, return_exceptions)
+        if ordered:
+            while pending:
+                yield await _aoutcome(pending.popleft(), return_exceptions)
+        else:
+            for next_done in asyncio.as_completed(list(pending)):
+                result = await _aoutcome(next_done, return_exceptions)
+                yield result
+            pending.clear()
+    finally:
+        for future in pending:
+            future.cancel()
