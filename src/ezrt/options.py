@@ -46,6 +46,8 @@ DISPATCH_BATCH_KEY = "ztu_modelrt_dispatch_batch"
 
 #: The most completed results that may wait for the callback thread before admission blocks.
 MAX_UNDELIVERED = 8
+#: A sanity bound: more workers per core than this is a typo, not a configuration.
+MAX_THREADS_PER_CORE = 64
 
 LayoutLike = Literal["nchw", "original", "nchw_software", "original_software", "nhwc", "any"]
 TpModeLike = Literal["auto", "all", "0", "1", "2", "0,1", "0,1,2"]
@@ -347,6 +349,11 @@ def parse_provider_options(
             values["zero_copy_layout"] = _parse_zero_copy_layout(value)
         elif key in ("max_queue_size", "threads_per_core", "submit_timeout_ms"):
             values[key] = _positive(key, value)
+            if key == "threads_per_core" and values[key] > MAX_THREADS_PER_CORE:
+                raise InvalidArgumentError(
+                    f"threads_per_core must be <= {MAX_THREADS_PER_CORE} (got {values[key]}): "
+                    "each is a thread with its own backend context"
+                )
         elif key in ("sequential_callbacks", "enable_pacing", "disable_dup_context"):
             values[key] = as_bool(key, value)
         elif key == "schedule":

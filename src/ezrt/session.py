@@ -8,6 +8,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from typing import (
     Any,
@@ -29,6 +30,7 @@ from typing import (
 import numpy as np
 
 from . import streaming
+from .aio import AsyncAdmission
 from .backends.base import Backend, Request
 from .engine.core import Engine, EngineConfig
 from .errors import (
@@ -38,6 +40,7 @@ from .errors import (
     InvalidArgumentError,
     InvalidTypeError,
     PipelineFullError,
+    SessionClosedError,
 )
 from .io import FeedParser, ModelMetadata, NodeArg, OutputSelection, concat_batch
 from .options import (
@@ -181,6 +184,20 @@ def _dispatch_batch(run_options: Any) -> bool:
     return as_bool(DISPATCH_BATCH_KEY, value)
 
 
+def _weak_enqueue(session: InferenceSession) -> Callable[[Any, float], Future[Any]]:
+    """The admission thread's way in, without keeping the session alive (no cycle: an
+    unreferenced session is finalised at once and its threads drain and stop)."""
+    ref = weakref.ref(session)
+
+    def enqueue(prepared: Any, timeout: float) -> Future[Any]:
+        live = ref()
+        if live is None:
+            raise SessionClosedError("arun rejected: the session is closed")
+        return live._enqueue(prepared, wait=True, what="arun", timeout=timeout)
+
+    return enqueue
+
+
 class InferenceSession:
     """An inference session with ONNX Runtime's API that runs tasks on a pool of workers.
 
@@ -243,6 +260,7 @@ class InferenceSession:
         except BaseException:
             self._backend.close()
             raise
+        self._admission = AsyncAdmission(_weak_enqueue(self))
         self._pipeline_lock = threading.Lock()  # serialises run_pipeline's window
         self._pipeline: Deque[_Outcome] = deque()
         self._pipeline_depth: Optional[int] = None
@@ -498,7 +516,9 @@ class InferenceSession:
         arrays = self._parser.parse(input_feed, copy=True)
         return Request(arrays, selection.fetch), selection, expires_at
 
-    def _enqueue(self, prepared: _Prepared, *, wait: bool, what: str) -> Future[List[Any]]:
+    def _enqueue(
+        self, prepared: _Prepared, *, wait: bool, what: str, timeout: Optional[float] = None
+    ) -> Future[List[Any]]:
         request, selection, expires_at = prepared
         engine = self._live_engine()
         future: Future[List[Any]] = Future()
@@ -518,6 +538,7 @@ class InferenceSession:
             delivered=False,
             what=what,
             wait=wait,
+            timeout=timeout,
             on_start=future.set_running_or_notify_cancel,
             expires_at=expires_at,
         )
@@ -547,24 +568,15 @@ class InferenceSession:
     async def _asubmit(
         self, output_names: Any, input_feed: Any, run_options: Any, deadline: Any
     ) -> asyncio.Future[List[Any]]:
-        """Admit without blocking the event loop: at once when there is room, else the
-        admission wait runs on an executor thread. Returns an asyncio future."""
+        """Admit without blocking the event loop: at once when there is room, else through
+        the session's admission thread (FIFO). Returns an asyncio future of the outputs."""
         loop = asyncio.get_running_loop()
         prepared = self._prepare(output_names, input_feed, run_options, deadline, "arun")
         try:
             future = self._enqueue(prepared, wait=False, what="arun")
         except PipelineFullError:
-            admission = loop.run_in_executor(
-                None, lambda: self._enqueue(prepared, wait=True, what="arun")
-            )
-            try:
-                future = await asyncio.shield(admission)
-            except asyncio.CancelledError:
-                # The awaiting task went away mid-admission: withdraw the task once admitted.
-                admission.add_done_callback(
-                    lambda done: done.exception() is None and done.result().cancel()
-                )
-                raise
+            admitted = self._admission.admit(prepared, self._config.submit_timeout_ms / 1000.0)
+            future = await admitted  # cancelling the caller cancels this; the task is withdrawn
         return asyncio.wrap_future(future, loop=loop)
 
     async def arun(
@@ -669,7 +681,9 @@ class InferenceSession:
         engine = self._engine
         if engine is None:
             return True
-        return engine.close(cancel=cancel, wait=True, timeout=timeout)
+        finished = engine.close(cancel=cancel, wait=True, timeout=timeout)
+        self._admission.close(timeout)  # waiting admissions now fail: the session is closed
+        return finished
 
     @property
     def closed(self) -> bool:

@@ -186,6 +186,9 @@ class Engine:
         self._delivery_waiting = False
         self._queued = 0
         self._undelivered = 0
+        self._running_tasks: Set[Task] = set()
+        # Set only at interpreter exit when tasks never finish: deliver without waiting.
+        self._order_abandoned = False
         self._ready: Dict[int, Tuple[Task, Any, Optional[BaseException]]] = {}
         self._ready_fifo: Deque[Tuple[Task, Any, Optional[BaseException]]] = deque()
         self._next_seq = 0
@@ -278,6 +281,10 @@ class Engine:
         Safe to call from any thread, callbacks included (a thread never joins itself), and
         more than once.
         """
+        if self._forked:
+            # In a fork child the threads do not exist and the lock may have been copied
+            # while held: there is nothing to stop, and touching the lock could hang.
+            return True
         error = SessionClosedError("task cancelled: the session was closed before it ran")
         direct: List[Task] = []
         with self._lock:
@@ -556,6 +563,7 @@ class Engine:
                     task = queue.popleft() if queue else None
                     if task is not None:
                         task.state = _RUNNING
+                        self._running_tasks.add(task)
                         self._queued -= 1
                         self._busy[route] += 1
                         if self._space_waiters:
@@ -615,6 +623,21 @@ class Engine:
                 return False
         return True
 
+    def _abandon(self) -> None:
+        """Interpreter exit only, after drain and cancel timed out: tasks still running will
+        not finish. Fail them now (their late results are ignored) and let the callback
+        thread deliver what is left without waiting for them."""
+        error = SessionClosedError("task abandoned: still running when the interpreter exited")
+        direct: List[Task] = []
+        with self._lock:
+            self._order_abandoned = True
+            for task in list(self._running_tasks):
+                if self._record(task, None, error):
+                    direct.append(task)
+            self._ready_cv.notify_all()
+        for task in direct:
+            self._call(task, None, error)
+
     def _complete(self, task: Task, result: Any, error: Optional[BaseException]) -> None:
         """Record a task's outcome exactly once and hand it on (lock not held)."""
         with self._lock:
@@ -626,8 +649,12 @@ class Engine:
         """Count the outcome; queue it for the callback thread if delivered (lock held).
 
         Returns True when the caller must run the completion itself, after releasing the lock.
+        A task already completed (abandoned at exit) is ignored: exactly once.
         """
+        if task.state == _DONE:
+            return False
         task.state = _DONE
+        self._running_tasks.discard(task)
         if error is None:
             self.counts["completed"] += 1
         elif isinstance(error, PacingDropError):
@@ -660,6 +687,12 @@ class Engine:
 
     def _take_ready(self) -> List[Tuple[Task, Any, Optional[BaseException]]]:
         """Every completion deliverable now, in order when sequential (lock held)."""
+        if self._order_abandoned and self._ready:
+            items = [self._ready.pop(seq) for seq in sorted(self._ready)]
+            self._next_delivery = items[-1][0].seq + 1
+            items.extend(self._ready_fifo)
+            self._ready_fifo.clear()
+            return items
         if not self.config.sequential:
             items = list(self._ready_fifo)
             self._ready_fifo.clear()
@@ -678,7 +711,7 @@ class Engine:
             with lock:
                 items = self._take_ready()
                 while not items:
-                    if self._stopping and self._live_workers == 0:
+                    if self._stopping and (self._live_workers == 0 or self._order_abandoned):
                         if not self._ready:
                             break
                         # A gap in the sequence cannot happen; never strand results if it did.
@@ -709,6 +742,7 @@ class Engine:
     # ------------------------------------------------------------------ introspection
 
     def depths(self) -> Dict[str, int]:
+        self._check_usable()
         with self._lock:
             return {
                 "queued": self._queued,
@@ -717,11 +751,27 @@ class Engine:
             }
 
 
+#: At interpreter exit, how long unclosed sessions may drain before the rest is cancelled.
+EXIT_DRAIN_SECONDS = 5.0
+
+
 def _close_all_at_exit() -> None:
-    """At interpreter exit: cancel what is queued, let running tasks and callbacks finish."""
-    for engine in list(_live_engines):
-        if not engine._forked:
-            engine.close(cancel=True, wait=True, timeout=10.0)
+    """At interpreter exit: drain unclosed sessions (queues are short), then cancel the rest.
+
+    Every accepted task is delivered either way: run, or failed with SessionClosedError.
+    """
+    engines = [engine for engine in list(_live_engines) if not engine._forked]
+    for engine in engines:
+        engine.close(wait=False)  # stop admission everywhere first
+    deadline = time.monotonic() + EXIT_DRAIN_SECONDS
+    for engine in engines:
+        if engine.close(wait=True, timeout=max(0.0, deadline - time.monotonic())):
+            continue
+        logger.warning("ezrt: a session did not drain at exit; cancelling its queued tasks")
+        if not engine.close(cancel=True, wait=True, timeout=EXIT_DRAIN_SECONDS):
+            logger.warning("ezrt: tasks still running at exit are abandoned (reported as failed)")
+            engine._abandon()
+            engine.close(wait=True, timeout=EXIT_DRAIN_SECONDS)
 
 
 def _poison_after_fork() -> None:

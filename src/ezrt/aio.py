@@ -1,0 +1,95 @@
+"""Admission for asyncio callers whose task found the pipeline full.
+
+The event loop must never block, so a blocked admission is handed to one thread per session
+(``ezrt-admission``), started on first need, which admits waiting tasks in FIFO order and
+reports back to each task's own loop. One thread, not an executor pool: fewer threads
+contending for the GIL with the event loop, and first come, first admitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+import time
+from typing import Any, Callable, Optional, Tuple
+
+__all__ = ["AsyncAdmission"]
+
+# enqueue(prepared, timeout) -> concurrent future: the session's blocking admission.
+Enqueue = Callable[[Any, float], "concurrent.futures.Future[Any]"]
+_Item = Tuple[Any, float, asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+
+
+class AsyncAdmission:
+    def __init__(self, enqueue: Enqueue, name: str = "ezrt-admission") -> None:
+        self._enqueue = enqueue
+        self._name = name
+        self._queue: queue.SimpleQueue[Optional[_Item]] = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()  # guards _thread (start once, stop once)
+
+    def admit(self, prepared: Any, timeout: float) -> asyncio.Future[Any]:
+        """An asyncio future of the task's concurrent future, resolved once admitted.
+
+        ``timeout`` (seconds) counts from now, however many are waiting ahead.
+        """
+        loop = asyncio.get_running_loop()
+        admitted: asyncio.Future[Any] = loop.create_future()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
+                self._thread.start()
+        self._queue.put((prepared, time.monotonic() + timeout, loop, admitted))
+        return admitted
+
+    def _main(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            prepared, until, loop, admitted = item
+            if admitted.cancelled():  # its coroutine went away while waiting: skip it
+                continue
+            try:
+                future = self._enqueue(prepared, max(0.0, until - time.monotonic()))
+            except BaseException as error:
+                _report(loop, _fail, admitted, error, None)
+                continue
+            _report(loop, _succeed, admitted, future, future)
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Stop the thread after the admissions already asked for (idempotent)."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+
+
+def _report(
+    loop: asyncio.AbstractEventLoop,
+    settle: Callable[..., None],
+    admitted: asyncio.Future[Any],
+    outcome: Any,
+    future: Optional[concurrent.futures.Future[Any]],
+) -> None:
+    try:
+        loop.call_soon_threadsafe(settle, admitted, outcome)
+    except RuntimeError:  # the loop is closed: nobody will await it; withdraw the task
+        if future is not None:
+            future.cancel()
+
+
+def _succeed(admitted: asyncio.Future[Any], future: concurrent.futures.Future[Any]) -> None:
+    if admitted.cancelled():
+        future.cancel()  # cancelled while being admitted: withdraw the task if still queued
+    else:
+        admitted.set_result(future)
+
+
+def _fail(admitted: asyncio.Future[Any], error: BaseException) -> None:
+    if not admitted.cancelled():
+        admitted.set_exception(error)
