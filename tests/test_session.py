@@ -90,7 +90,7 @@ def test_use_weight_from_shares_the_masters_session(add_model, relu_model):
 
 
 def test_custom_op_library_errors(add_model, tmp_path):
-    with pytest.raises(ezrt.InvalidArgumentError, match="custom op library not found"):
+    with pytest.raises(ezrt.InvalidArgumentError, match="custom_op_paths: library not found: "):
         ezrt.InferenceSession(
             add_model, provider_options={"custom_op_paths": [tmp_path / "none.so"]}
         )

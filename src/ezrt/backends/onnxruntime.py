@@ -172,7 +172,7 @@ class OrtBackend:
     def _check_custom_ops(self) -> Tuple[str, ...]:
         for path in self.config.custom_op_paths:
             if not os.path.isfile(path):
-                raise InvalidArgumentError(f"custom op library not found: {path}")
+                raise InvalidArgumentError(f"custom_op_paths: library not found: {path!r}")
         return self.config.custom_op_paths
 
     def _plan_threads(self) -> Tuple[Optional[int], Optional[str]]:
@@ -216,7 +216,7 @@ class OrtBackend:
                 options.register_custom_ops_library(path)
             except Exception as exc:
                 raise InvalidArgumentError(
-                    f"custom_op_paths: {path} is not an ONNX Runtime custom-op library "
+                    f"custom_op_paths: {path!r} is not an ONNX Runtime custom-op library "
                     f"(it must export RegisterCustomOps): {exc}"
                 ) from exc
         return options
