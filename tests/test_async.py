@@ -446,9 +446,11 @@ def test_without_pacing_nothing_is_dropped(add_model, faults):
 two_cpus = pytest.mark.skipif(len(allowed_cpus()) < 2, reason="needs 2 CPUs")
 
 
-def _block_core0(faults, release):
+def _block_core(faults, release, core):
+    """Hold every task that runs on ``core``'s workers until ``release`` is set."""
+    suffix = f"-core{core}"
     faults.delay = lambda inputs: (
-        release.wait(WAIT) and 0.0 if threading.current_thread().name.endswith("core0") else 0.0
+        release.wait(WAIT) and 0.0 if threading.current_thread().name.endswith(suffix) else 0.0
     )
 
 
@@ -456,8 +458,8 @@ def _block_core0(faults, release):
 def test_an_idle_core_never_waits_behind_a_busy_one(add_model, faults):
     collector = Collector()
     release = threading.Event()
-    _block_core0(faults, release)
     cores = allowed_cpus()[:2]
+    _block_core(faults, release, cores[0])
     with session_for(
         add_model, schedule=cores, sequential_callbacks=False, max_queue_size=4
     ) as session:
@@ -473,8 +475,8 @@ def test_an_idle_core_never_waits_behind_a_busy_one(add_model, faults):
 def test_least_loaded_policy_routes_around_a_busy_core(add_model, faults):
     collector = Collector()
     release = threading.Event()
-    _block_core0(faults, release)
     cores = allowed_cpus()[:2]
+    _block_core(faults, release, cores[0])
     with session_for(
         add_model,
         schedule=cores,
@@ -482,7 +484,7 @@ def test_least_loaded_policy_routes_around_a_busy_core(add_model, faults):
         sequential_callbacks=False,
         max_queue_size=2,
     ) as session:
-        session.run_async(None, [ones(), ones()], collector, 0)  # goes to core 0 and sticks
+        session.run_async(None, [ones(), ones()], collector, 0)  # goes to the first core and sticks
         faults.wait_started()
         for i in range(1, 11):  # core 1 is idle at each submission: it must get every task
             session.run_async(None, [ones(), ones()], collector, i)
