@@ -57,10 +57,12 @@ def test_option_errors_come_before_the_model_is_read(tmp_path):
         ezrt.InferenceSession(tmp_path / "missing.onnx", provider_options={"max_queue_size": 0})
 
 
-def test_rknn_bytes_are_recognised_whatever_the_name(tmp_path):
+def test_rknn_bytes_are_recognised_whatever_the_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("EZRT_RKNN_LIBRARY", str(tmp_path / "no" / "librknnrt.so"))
     fake = tmp_path / "model.onnx"
     fake.write_bytes(b"RKNN\x00\x00\x00\x00" + b"\x00" * 64)
-    with pytest.raises(ezrt.BackendUnavailableError, match="RKNN model"):
+    # an RKNN file goes to the RKNN backend (not onnxruntime), which needs its runtime
+    with pytest.raises(ezrt.BackendUnavailableError, match=r"librknnrt\.so was not found"):
         ezrt.InferenceSession(fake)
 
 

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 from . import __version__
 from .backends.onnxruntime import allowed_cpus
+from .errors import EzrtError
 
 __all__ = ["main"]
 
@@ -51,7 +52,18 @@ def _info(args: argparse.Namespace) -> int:
     with open(args.model, "rb") as handle:
         head = handle.read(16)
     if is_rknn_model(head):
-        print(f"{args.model}: RKNN model (Rockchip NPU); the RKNN backend is not in this build")
+        from .backends.rknn import abi
+        from .backends.rknn.container import parse_container
+
+        with open(args.model, "rb") as handle:
+            container = parse_container(handle.read(), args.model)
+        print(f"{args.model}: " + "\n".join(container.describe()))
+        try:
+            runtime = abi.load_runtime()
+        except EzrtError:
+            print(f"  runtime: not found ({abi.INSTALL_HINT})")
+        else:
+            print(f"  runtime: {runtime.path} (version {runtime.file_version() or 'unknown'})")
         return 0
     with InferenceSession(args.model) as session:
         meta = session.get_modelmeta()

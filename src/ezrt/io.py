@@ -50,6 +50,8 @@ class TensorSpec:
     shape: Optional[Tuple[Dim, ...]]
     type: str
     dtype: Optional[np.dtype] = None
+    #: When ``dtype`` is None: the dtypes the backend converts itself (None = anything).
+    accepts: Optional[Tuple[np.dtype, ...]] = None
 
     @property
     def rank(self) -> Optional[int]:
@@ -151,7 +153,15 @@ _ALL_OUTPUTS = OutputSelection(None)
 class FeedParser:
     """Validates input feeds against the model's inputs for one session."""
 
-    def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], layout: str):
+    def __init__(
+        self,
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        layout: str,
+        check: Optional[Any] = None,
+    ):
+        #: Backend validation run on every parsed feed (e.g. allowed dynamic shapes).
+        self._check = check
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
         self.layout = layout
@@ -267,6 +277,8 @@ class FeedParser:
             raise InvalidTypeError(f"Input '{spec.name}' is None; expected an array")
         if isinstance(value, (np.ndarray, np.generic)):
             array = np.asarray(value)
+            if expected is None and spec.accepts is not None:
+                return self._accepted(spec, array)
             if expected is not None and array.dtype != expected:
                 native = array.dtype.newbyteorder("=")
                 if native == expected:  # same type, other byte order: a representation detail
@@ -286,6 +298,10 @@ class FeedParser:
             raise InvalidTypeError(
                 f"Input '{spec.name}' could not be converted to a numpy array: {exc}"
             ) from None
+        if expected is None and spec.accepts is not None:
+            if array.dtype == np.float64:  # Python floats: the backend's usual float type
+                array = array.astype(np.float32)
+            return self._accepted(spec, array)
         if array.dtype == np.dtype(object) and expected != np.dtype(object):
             raise InvalidTypeError(
                 f"Input '{spec.name}' could not be converted to a numeric array "
@@ -301,6 +317,18 @@ class FeedParser:
                 )
             array = array.astype(expected)
         return array
+
+    @staticmethod
+    def _accepted(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+        accepts = spec.accepts or ()
+        if array.dtype in accepts:
+            return array
+        if array.dtype.newbyteorder("=") in accepts:
+            return array.astype(array.dtype.newbyteorder("="))
+        raise InvalidTypeError(
+            f"Input '{spec.name}' dtype {_dtype_name(array.dtype)} is not supported by this "
+            f"backend (supported: {', '.join(_dtype_name(d) for d in accepts)})"
+        )
 
     def _check_shape(self, index: int, array: np.ndarray, *, batch: bool) -> None:
         spec = self.inputs[index]
@@ -366,6 +394,8 @@ class FeedParser:
         """Validated arrays in the model's layout. ``copy``: the result owns its memory."""
         fast = self._parse_fast(input_feed, copy)
         if fast is not None:
+            if self._check is not None:
+                self._check(fast)
             return fast
         values = self._as_list(input_feed)
         arrays = []
@@ -375,6 +405,8 @@ class FeedParser:
             # A conversion above already made a private array; copying again is waste.
             owned = copy and (array is value or array.base is not None)
             arrays.append(self._to_model_layout(index, array, owned))
+        if self._check is not None:
+            self._check(arrays)
         return tuple(arrays)
 
     def parse_batch(self, input_feed: Any) -> Tuple[List[Tuple[np.ndarray, ...]], int]:

@@ -76,6 +76,7 @@ class ProviderOptions(TypedDict, total=False):
     custom_op_default_path: bool
     load_custom_ops_from_default_path: bool
     dispatch_policy: str
+    output_dtype: str
 
 
 #: Upstream's name for :class:`ProviderOptions`.
@@ -122,6 +123,7 @@ SUPPORTED_KEYS: Tuple[str, ...] = (
     "custom_op_default_path",
     "load_custom_ops_from_default_path",
     "dispatch_policy",
+    "output_dtype",
 )
 
 
@@ -144,6 +146,8 @@ class SessionConfig:
     custom_op_paths: Tuple[str, ...] = ()
     custom_op_default_path: bool = False
     dispatch_policy: str = "round_robin"
+    #: RKNN outputs: "float32" (dequantised by the runtime) or "native" (the model's dtype).
+    output_dtype: str = "float32"
     #: The keys the user actually gave, for "not meaningful on this backend" errors.
     given: FrozenSet[str] = field(default_factory=frozenset)
 
@@ -366,6 +370,13 @@ def parse_provider_options(
             values["custom_op_default_path"] = as_bool(key, value)
         elif key == "dispatch_policy":
             values["dispatch_policy"] = _parse_dispatch_policy(value)
+        elif key == "output_dtype":
+            text = _text("output_dtype", value).strip().lower()
+            if text not in ("float32", "native"):
+                raise InvalidArgumentError(
+                    f"output_dtype must be 'float32' or 'native' (got {value!r})"
+                )
+            values["output_dtype"] = text
         elif allow_foreign_keys:
             foreign[key] = value
         else:
@@ -396,6 +407,7 @@ def make_provider_options(
     custom_op_default_path: bool = False,
     zero_copy_layout: Optional[str] = None,
     dispatch_policy: Optional[str] = None,
+    output_dtype: Optional[str] = None,
 ) -> ProviderOptions:
     """Build a ``provider_options`` dict with upstream's defaults.
 
@@ -422,6 +434,7 @@ def make_provider_options(
         "custom_op_paths": custom_op_paths,
         "zero_copy_layout": zero_copy_layout,
         "dispatch_policy": dispatch_policy,
+        "output_dtype": output_dtype,
     }
     options.update({key: value for key, value in optional.items() if value is not None})
     return options  # type: ignore[return-value]

@@ -34,7 +34,6 @@ from .aio import AsyncAdmission
 from .backends.base import Backend, Request
 from .engine.core import Engine, EngineConfig
 from .errors import (
-    BackendUnavailableError,
     BatchInferenceError,
     EzrtError,
     InvalidArgumentError,
@@ -245,7 +244,12 @@ class InferenceSession:
         self._master = use_weight_from  # keeps the master alive while this session lives
         self._backend = self._open_backend(model, device, config, sess_options, chosen, foreign)
         try:
-            self._parser = FeedParser(self._backend.inputs, self._backend.outputs, config.layout)
+            self._parser = FeedParser(
+                self._backend.inputs,
+                self._backend.outputs,
+                getattr(self._backend, "feed_layout", config.layout),
+                getattr(self._backend, "check_shapes", None),
+            )
             engine_config = EngineConfig(
                 schedule=config.schedule if config.schedule is not None else (None,),
                 threads_per_core=config.threads_per_core,
@@ -297,12 +301,18 @@ class InferenceSession:
         chosen: Optional[List[Tuple[str, Dict[str, Any]]]],
         foreign: Dict[str, Any],
     ) -> Backend:
+        master_backend = self._master._backend if self._master is not None else None
         if device == RKNN:
-            raise BackendUnavailableError(
-                "this is an RKNN model; the RKNN backend (librknnrt.so) is not available in "
-                "this build of ezrt. Use an ONNX model with CPUExecutionProvider or "
-                "CUDAExecutionProvider."
-            )
+            from .backends.rknn.backend import RknnBackend
+
+            if master_backend is not None and not isinstance(master_backend, RknnBackend):
+                raise InvalidArgumentError(
+                    "use_weight_from must be a session on the same backend as this one"
+                )
+            if isinstance(model, str):
+                with open(model, "rb") as handle:
+                    model = handle.read()
+            return RknnBackend(model, config, share_with=master_backend)
         from .backends.onnxruntime import OrtBackend
 
         ep_options = dict(foreign)
@@ -310,8 +320,7 @@ class InferenceSession:
             if name == device:
                 ep_options.update(options)
         share_with = None
-        if self._master is not None:
-            master_backend = self._master._backend
+        if master_backend is not None:
             if not isinstance(master_backend, OrtBackend):
                 raise InvalidArgumentError(
                     "use_weight_from must be a session on the same backend as this one"

@@ -148,6 +148,11 @@ class OrtBackend:
                 "zero_copy_layout selects an RKNN NPU memory layout; it does not apply to the "
                 "ONNX Runtime backend, whose tensors always use the model's own layout"
             )
+        if "output_dtype" in config.given:
+            raise InvalidArgumentError(
+                "output_dtype chooses between dequantised float32 and native RKNN outputs; "
+                "ONNX Runtime always returns each output in the model's own dtype"
+            )
         if config.custom_op_default_path:
             raise InvalidArgumentError(
                 "custom_op_default_path loads RKNN plugins (librkcst_*.so) from the NPU "

@@ -1,0 +1,1 @@
+"""The Rockchip NPU backend: librknnrt through ctypes."""
