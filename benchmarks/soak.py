@@ -132,7 +132,8 @@ def main() -> None:
         f"(planned {planned_failures}), "
         f"wrong {outcome['wrong']}"
     )
-    print(f"session stats     {stats}")
+    counts = {k: v for k, v in stats.as_dict().items() if isinstance(v, int)}
+    print(f"session stats     {counts}")
     print(
         f"resident memory   {rss_after_warmup:.1f} MB after {args.warmup} tasks -> "
         f"{rss_end:.1f} MB "

@@ -80,7 +80,7 @@ def test_run_async_argument_errors(add_model):
             )
         with pytest.raises(ezrt.InvalidArgumentError, match="Input list size mismatch"):
             session.run_async(None, [ones()], print)
-        assert session.stats()["submitted"] == 0
+        assert session.stats().submitted == 0
 
 
 def test_inputs_are_copied_at_submission(add_model, collector, faults):
@@ -163,7 +163,7 @@ def test_full_queue_times_out_at_the_deadline(add_model, collector, faults):
         elapsed = time.monotonic() - started
         with pytest.raises(ezrt.SubmitTimeoutError, match="run submit timed out"):
             session.run(None, [ones(), ones()])
-        assert session.stats()["timed_out"] == 2
+        assert session.stats().timed_out == 2
         faults.open_gate()
         calls = collector.wait_for(3)
     assert 0.28 <= elapsed < 2.0, elapsed
@@ -238,7 +238,7 @@ def test_at_most_eight_results_wait_for_the_callback(add_model):
         depths = session.stats()
         release.set()
     assert 8 <= accepted <= 8 + 1 + 1, accepted  # 8 waiting + 1 queued + 1 running
-    assert depths["undelivered"] <= 8 + 1
+    assert depths.undelivered <= 8 + 1
     assert calls == list(range(accepted))
 
 
@@ -296,7 +296,7 @@ def test_close_cancel_completes_queued_tasks_with_an_error(add_model, faults):
     assert calls[0][2] == ""
     for results, _, err in calls[1:]:
         assert results is None and "cancelled" in err and "closed" in err
-    assert session.stats()["cancelled"] == 3
+    assert session.stats().cancelled == 3
 
 
 def test_close_with_timeout_reports_threads_still_busy(add_model, faults):
@@ -385,7 +385,7 @@ def test_run_async_from_a_callback_fails_fast_when_the_callback_stage_is_full(ad
 
         def first(results, user_data, err):
             deadline = time.monotonic() + WAIT
-            while session.stats()["undelivered"] < 8 and time.monotonic() < deadline:
+            while session.stats().undelivered < 8 and time.monotonic() < deadline:
                 time.sleep(0.005)
             started = time.monotonic()
             try:
@@ -428,7 +428,7 @@ def test_pacing_drops_and_says_so(add_model, faults):
         stats = session.stats()
     assert calls[0][1:] == ("kept", "")
     assert calls[1][1] == "dropped" and calls[1][0] is None and "dropped by pacing" in calls[1][2]
-    assert stats["dropped"] == 2 and stats["completed"] == 2
+    assert stats.dropped == 2 and stats.completed == 2
 
 
 def test_without_pacing_nothing_is_dropped(add_model, faults):
@@ -504,5 +504,5 @@ def test_stats_count_outcomes(reshape_model):
         collector.wait_for(3)
         session.run(None, good)
         stats = session.stats()
-    assert stats["submitted"] == 4 and stats["completed"] == 3 and stats["failed"] == 1
-    assert stats["queued"] == 0
+    assert stats.submitted == 4 and stats.completed == 3 and stats.failed == 1
+    assert stats.queued == 0

@@ -37,19 +37,40 @@ def test_info_prints_inputs_outputs_and_metadata(add_model, tmp_path):
     assert "metadata author = tests" in result.stdout
 
 
-def test_bench_prints_every_contender_with_ratios():
-    result = ezrt_cmd("bench", "--rounds", "1", "--seconds", "0.05", "--workers", "1")
+def test_bench_without_a_model_compares_the_demo_with_plain_onnxruntime():
+    result = ezrt_cmd(
+        "bench",
+        "--duration",
+        "0.2",
+        "--warmup",
+        "0.05",
+        "--min-count",
+        "10",
+        "--rounds",
+        "1",
+        "--workers",
+        "1",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr
+    assert "demo model (embedded CNN)" in result.stdout
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("contender"))
-    rows = {
-        line.rsplit(None, 3)[0].strip(): line.split()[-3:]
-        for line in lines[header + 1 :]
-        if line.strip()
+    rows = {}
+    for line in lines[header + 1 :]:
+        if not line.strip() or line.startswith("("):
+            break
+        name, value, ratio = line.rsplit(None, 2)
+        rows[name.strip()] = (float(value), float(ratio))
+    assert set(rows) == {
+        "ort-sync-1t",
+        "ort-sync-default",
+        "ort-run_async",
+        "naive-pool (1)",
+        "ezrt run_async (1 workers)",
     }
-    assert "ort-sync-1t" in rows and "ezrt run_async (1 workers)" in rows
-    assert float(rows["ort-sync-1t"][1]) == 1.0  # the baseline's ratio to itself
-    assert all(float(values[0]) > 0 for values in rows.values())
+    assert rows["ezrt run_async (1 workers)"][1] == 1.0  # ezrt's ratio to itself
+    assert all(value > 0 for value, _ in rows.values())
 
 
 def test_version_and_usage_errors():

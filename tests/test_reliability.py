@@ -114,7 +114,7 @@ def test_close_from_another_thread_while_8_producers_submit(add_model, faults, c
     assert all(count == 1 for count in delivered.values()), "a task was delivered twice"
     assert rejected["timeout"] == 0
     stats = session.stats()
-    assert stats["queued"] == stats["running"] == stats["undelivered"] == 0
+    assert stats.queued == stats.running == stats.undelivered == 0
     assert not ezrt_threads()
 
 
@@ -200,7 +200,7 @@ def test_ctrl_c_while_run_waits_returns_promptly_and_loses_nothing(add_model, fa
         faults.open_gate()
         session.close()
         stats = session.stats()
-    assert stats["submitted"] == 1 and stats["completed"] == 1  # the task still ran, once
+    assert stats.submitted == 1 and stats.completed == 1  # the task still ran, once
 
 
 SCRIPT_EXIT = textwrap.dedent(

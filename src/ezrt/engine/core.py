@@ -58,6 +58,7 @@ from ..errors import (
     SessionClosedError,
     SubmitTimeoutError,
 )
+from .metrics import Histogram, SessionStats
 
 __all__ = ["Engine", "EngineConfig", "Runner", "Task"]
 
@@ -112,6 +113,7 @@ class Task:
     __slots__ = (
         "delivered",
         "expires_at",
+        "finished_at",
         "on_done",
         "on_start",
         "payload",
@@ -140,7 +142,8 @@ class Task:
         self.route = 0
         self.seq = -1
         self.state = _QUEUED
-        self.submitted_at = 0.0
+        self.submitted_at = 0.0  # time.monotonic() at admission
+        self.finished_at = 0.0  # time.monotonic() when the backend returned
 
 
 # Engines alive in this process: closed at interpreter exit, poisoned in a fork child.
@@ -201,6 +204,12 @@ class Engine:
         # Pacing: exponential moving average of compute time and the last accepted time.
         self._avg_compute = 0.0
         self._last_accepted = 0.0
+        # Metrics, all guarded by _lock and recorded where it is held anyway.
+        self._started_at = time.monotonic()
+        self._queue_wait = Histogram()
+        self._compute = Histogram()
+        self._delivery = Histogram()
+        self._busy_seconds: Dict[str, float] = {}
         # Counters (read by stats()).
         self.counts = {
             "submitted": 0,
@@ -543,6 +552,9 @@ class Engine:
             self._ready_cv.notify_all()
         finished: Optional[Tuple[Task, Any, Optional[BaseException]]] = None
         compute = 0.0
+        name = threading.current_thread().name
+        with self._lock:
+            self._busy_seconds[name] = 0.0
         try:
             while True:
                 call_directly = False
@@ -550,6 +562,8 @@ class Engine:
                     # One acquisition records the last outcome and takes the next task.
                     if finished is not None:
                         self._busy[route] -= 1
+                        self._compute.add(compute)
+                        self._busy_seconds[name] += compute
                         if config.pacing:
                             avg = self._avg_compute
                             self._avg_compute = (
@@ -563,6 +577,7 @@ class Engine:
                     task = queue.popleft() if queue else None
                     if task is not None:
                         task.state = _RUNNING
+                        self._queue_wait.add(time.monotonic() - task.submitted_at)
                         self._running_tasks.add(task)
                         self._queued -= 1
                         self._busy[route] += 1
@@ -580,12 +595,13 @@ class Engine:
                     task, route
                 ):
                     continue
-                started = time.perf_counter()
+                started = time.monotonic()
                 try:
                     result, error = runner.run(task.payload), None
                 except BaseException as exc:  # a task's failure is its result, never the worker's
                     result, error = None, exc
-                compute = time.perf_counter() - started
+                task.finished_at = time.monotonic()
+                compute = task.finished_at - started
                 finished = (task, result, error)
         finally:
             self._worker_idents.discard(threading.get_ident())
@@ -729,7 +745,11 @@ class Engine:
                     task.on_done(result, error)
                 except BaseException:
                     logger.exception("ezrt: a run_async callback raised; delivery continues")
+            delivered_at = time.monotonic()
             with lock:
+                for task, _, _ in items:
+                    if task.finished_at:  # 0: never ran (cancelled, dropped, expired)
+                        self._delivery.add(delivered_at - task.finished_at)
                 self._undelivered -= len(items)
                 if self._space_waiters:
                     self._space.notify_all()
@@ -740,6 +760,22 @@ class Engine:
                 logger.exception("ezrt: releasing the backend failed")
 
     # ------------------------------------------------------------------ introspection
+
+    def stats(self) -> SessionStats:
+        """A consistent snapshot of counters, depths and latency histograms."""
+        self._check_usable()
+        with self._lock:
+            return SessionStats(
+                **self.counts,
+                queued=self._queued,
+                running=sum(self._busy),
+                undelivered=self._undelivered,
+                uptime_seconds=time.monotonic() - self._started_at,
+                queue_wait=self._queue_wait.snapshot(),
+                compute=self._compute.snapshot(),
+                delivery=self._delivery.snapshot(),
+                worker_busy_seconds=dict(self._busy_seconds),
+            )
 
     def depths(self) -> Dict[str, int]:
         self._check_usable()
