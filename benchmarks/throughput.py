@@ -65,7 +65,7 @@ def scaling(rounds: int, seconds: float) -> None:
 
 def streaming(rounds: int, seconds: float) -> None:
     """imap (futures) against run_async with callbacks: the same model, workers and window."""
-    from ezrt.bench import ezrt_run_async, make_feed
+    from ezrt.bench import ezrt_contender, make_feed
 
     workers = len(allowed_cpus())
     session = InferenceSession(
@@ -85,7 +85,7 @@ def streaming(rounds: int, seconds: float) -> None:
     print(f"== streaming: demo CNN, {workers} workers, {rounds} rounds x {seconds:g} s, medians")
     try:
         results = run_rounds(
-            {"run_async + callback": ezrt_run_async(session, feed), "imap": imap},
+            {"run_async + callback": ezrt_contender(session, feed), "imap": imap},
             rounds=rounds,
             seconds=seconds,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._version import __version__
+from .engine.metrics import LatencyHistogram, SessionStats
 from .errors import (
     BackendUnavailableError,
     BatchInferenceError,
@@ -39,6 +40,7 @@ __all__ = [
     "InferenceSession",
     "InvalidArgumentError",
     "InvalidTypeError",
+    "LatencyHistogram",
     "ModelMetadata",
     "NodeArg",
     "OrtValue",
@@ -49,6 +51,7 @@ __all__ = [
     "RknnProviderOptions",
     "SessionClosedError",
     "SessionIOBinding",
+    "SessionStats",
     "SubmitTimeoutError",
     "__version__",
     "make_provider_options",

@@ -23,8 +23,10 @@ from .session import InferenceSession
 
 __all__ = [
     "BenchResult",
+    "Driver",
     "Measurement",
     "demo_model_path",
+    "ezrt_contender",
     "load_inputs",
     "make_feed",
     "measure",
@@ -153,41 +155,23 @@ def ort_run_async(
     return run
 
 
-def ezrt_run(session: InferenceSession, feed: Dict[str, np.ndarray]) -> Contender:
-    return lambda duration: _loop(lambda: session.run(None, feed), duration)
-
-
-def ezrt_run_async(session: InferenceSession, feed: Dict[str, np.ndarray]) -> Contender:
-    """Submit as fast as admission allows; count completions (the in-flight wave finishes)."""
+def ezrt_contender(
+    session: InferenceSession,
+    feed: Dict[str, np.ndarray],
+    mode: str = "run_async",
+    batch: int = 8,
+    depth: int = 3,
+) -> Contender:
+    """ezrt in one call style, as a contender: samples completed in ``duration`` seconds
+    (submission stops at the deadline; the in-flight wave finishes)."""
 
     def run(duration: float) -> int:
-        done = [0]
-        submitted = 0
-        finished = threading.Event()
-
-        def callback(results: Any, user_data: Any, err: str) -> None:
-            done[0] += 1
-            if done[0] == target[0]:
-                finished.set()
-
-        target = [-1]
+        driver = Driver(session, feed, mode, batch, depth)
         end = time.perf_counter() + duration
-        while time.perf_counter() < end:
-            session.run_async(None, feed, callback)
-            submitted += 1
-        target[0] = submitted
-        if done[0] < submitted:
-            finished.wait()
-        return submitted
+        driver.drive(lambda tasks: time.perf_counter() < end)
+        return len(driver.completions) * driver.samples_per_task
 
     return run
-
-
-def ezrt_batch(session: InferenceSession, feed: Dict[str, np.ndarray], batch: int) -> Contender:
-    """``run`` with batch dispatch: each call splits ``batch`` samples over the workers."""
-    batched = {name: np.repeat(value, batch, axis=0) for name, value in feed.items()}
-    options = {"ztu_modelrt_dispatch_batch": True}
-    return lambda duration: batch * _loop(lambda: session.run(None, batched, options), duration)
 
 
 def run_rounds(
@@ -237,9 +221,11 @@ def standard_contenders(
         "ort-sync-default": ort_sync(model, feed, 0),
         "ort-run_async": ort_run_async(model, feed, 2 * workers),
         f"naive-pool ({workers})": naive_pool(model, feed, workers),
-        "ezrt run (1 worker)": ezrt_run(sync_session, feed),
-        f"ezrt run_async ({workers} workers)": ezrt_run_async(async_session, feed),
-        f"ezrt batch {batch} ({workers} workers)": ezrt_batch(async_session, feed, batch),
+        "ezrt run (1 worker)": ezrt_contender(sync_session, feed, "run"),
+        f"ezrt run_async ({workers} workers)": ezrt_contender(async_session, feed),
+        f"ezrt batch {batch} ({workers} workers)": ezrt_contender(
+            async_session, feed, "batch", batch
+        ),
     }
     return contenders, [async_session, sync_session]
 
@@ -326,7 +312,7 @@ class BenchResult:
         }
 
 
-class _Driver:
+class Driver:
     """Runs one call style for a while and records each task's latency and completion."""
 
     def __init__(
@@ -409,11 +395,11 @@ def measure(
     started = time.perf_counter()
     session.run(None, feed)
     first_run_ms = (time.perf_counter() - started) * 1e3
-    warm = _Driver(session, feed, mode, batch, depth)
+    warm = Driver(session, feed, mode, batch, depth)
     warm_end = time.perf_counter() + warmup
     warmup_tasks = warm.drive(lambda n: time.perf_counter() < warm_end)
 
-    driver = _Driver(session, feed, mode, batch, depth)
+    driver = Driver(session, feed, mode, batch, depth)
     before = session.stats()
     depths: List[int] = []
     stop_sampling = threading.Event()

@@ -6,7 +6,6 @@ import argparse
 import csv
 import json
 import sys
-import time
 from typing import Any, Callable, Dict, List, Optional, TextIO
 
 from . import __version__
@@ -152,22 +151,17 @@ def _plot(results: List[Any], path: str) -> None:
 def _compare(
     args: argparse.Namespace, model: str, session: Any, feed: Dict[str, Any], out: TextIO
 ) -> Dict[str, Any]:
-    from .bench import _Driver, naive_pool, ort_run_async, ort_sync, run_rounds
+    from .bench import ezrt_contender, naive_pool, ort_run_async, ort_sync, run_rounds
 
     workers = session._live_engine().worker_count
-
-    def ezrt_contender(duration: float) -> int:
-        driver = _Driver(session, feed, args.mode, args.batch, args.depth)
-        end_at = time.perf_counter() + duration
-        driver.drive(lambda n: time.perf_counter() < end_at)
-        return len(driver.completions) * driver.samples_per_task
-
     contenders = {
         "ort-sync-1t": ort_sync(model, feed, 1),
         "ort-sync-default": ort_sync(model, feed, 0),
         "ort-run_async": ort_run_async(model, feed, 2 * workers),
         f"naive-pool ({workers})": naive_pool(model, feed, workers),
-        f"ezrt {args.mode} ({workers} workers)": ezrt_contender,
+        f"ezrt {args.mode} ({workers} workers)": ezrt_contender(
+            session, feed, args.mode, args.batch, args.depth
+        ),
     }
     results = run_rounds(contenders, rounds=args.rounds, seconds=min(args.duration, 0.5))
     base = results["ort-sync-1t"].median

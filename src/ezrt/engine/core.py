@@ -777,15 +777,6 @@ class Engine:
                 worker_busy_seconds=dict(self._busy_seconds),
             )
 
-    def depths(self) -> Dict[str, int]:
-        self._check_usable()
-        with self._lock:
-            return {
-                "queued": self._queued,
-                "running": sum(self._busy),
-                "undelivered": self._undelivered,
-            }
-
 
 #: At interpreter exit, how long unclosed sessions may drain before the rest is cancelled.
 EXIT_DRAIN_SECONDS = 5.0
