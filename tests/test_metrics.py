@@ -81,6 +81,10 @@ def test_prometheus_exporter_exposes_conventional_names(add_model):
     assert 'ezrt_worker_busy_seconds_total{session="adder",worker="ezrt-worker-0-auto"}' in text
 
 
+#: A short run: enough tasks to compute every figure, quick enough for CI.
+QUICK = ("--duration", "0.2", "--warmup", "0.05", "--min-count", "20", "--workers", "1")
+
+
 def bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ezrt", "bench", *args], capture_output=True, text=True, timeout=180
@@ -148,14 +152,7 @@ def test_bench_sweep_csv_and_compare(add_path, tmp_path):
         add_path,
         "--sweep",
         "max_queue_size=1,4",
-        "--duration",
-        "0.2",
-        "--warmup",
-        "0.05",
-        "--min-count",
-        "20",
-        "--workers",
-        "1",
+        *QUICK,
         "--csv",
         str(table),
     )
@@ -168,14 +165,7 @@ def test_bench_sweep_csv_and_compare(add_path, tmp_path):
         "--compare",
         "--rounds",
         "1",
-        "--duration",
-        "0.2",
-        "--warmup",
-        "0.05",
-        "--min-count",
-        "20",
-        "--workers",
-        "1",
+        *QUICK,
         "--json",
         "-",
     )
@@ -214,14 +204,7 @@ def test_bench_plot(add_path, tmp_path):
     png = tmp_path / "bench.png"
     result = bench(
         add_path,
-        "--duration",
-        "0.2",
-        "--warmup",
-        "0.05",
-        "--min-count",
-        "20",
-        "--workers",
-        "1",
+        *QUICK,
         "--plot",
         str(png),
     )
