@@ -148,7 +148,6 @@ class Task:
 
 # Engines alive in this process: closed at interpreter exit, poisoned in a fork child.
 _live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-_session_numbers = itertools.count()
 
 
 class Engine:
@@ -221,7 +220,6 @@ class Engine:
             "timed_out": 0,
         }
 
-        number = next(_session_numbers)
         self._worker_threads: List[threading.Thread] = []
         self._worker_idents: Set[int] = set()
         n_workers = config.threads_per_core * len(self._routes)
@@ -240,7 +238,6 @@ class Engine:
             target=self._delivery_main, name=f"{config.name}-callback", daemon=True
         )
         self._delivery_ident: Optional[int] = None
-        self.number = number
         self._start()
         _live_engines.add(self)
 
@@ -253,7 +250,7 @@ class Engine:
         for thread in self._worker_threads:
             thread.start()
         with self._lock:
-            # Workers report in (ready or failed) by decrementing _pending_starts.
+            # Each worker reports in (runner made, or failed) by counting _started_count.
             while self._pending_starts() and not self._startup_errors:
                 self._ready_cv.wait()
             failed = list(self._startup_errors)
