@@ -242,6 +242,8 @@ def test_interpreter_exit_with_tasks_in_flight(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+# Python 3.12+ warns about fork() with threads alive: exactly the situation under test.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_fork_child_gets_a_clear_error_not_a_hang(add_model):
     with ezrt.InferenceSession(add_model) as session:
         session.run(None, [ones(), ones()])
