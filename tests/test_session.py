@@ -406,3 +406,24 @@ def test_no_warnings_on_a_plain_session(add_model):
         warnings.simplefilter("error")
         with ezrt.InferenceSession(add_model) as session:
             session.run(None, [ones(), ones()])
+
+
+def test_cuda_backend_checks_without_a_gpu(add_model):
+    from ezrt.backends.onnxruntime import CUDA, OrtBackend
+    from ezrt.options import parse_provider_options
+
+    config, _ = parse_provider_options({"tp_mode": "all"})
+    with pytest.raises(
+        ezrt.InvalidArgumentError, match=r"tp_mode .* not meaningful for CUDAExecutionProvider"
+    ):
+        OrtBackend(add_model, config, device=CUDA)
+    if CUDA in ort.get_available_providers():
+        pytest.skip("a CUDA onnxruntime is installed: the fallback check does not apply")
+    config, _ = parse_provider_options({"schedule": [0]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # onnxruntime's own fallback warning
+        with pytest.raises(
+            ezrt.BackendUnavailableError,
+            match="CUDAExecutionProvider could not be initialised for device 0",
+        ):
+            OrtBackend(add_model, config, device=CUDA)
