@@ -74,14 +74,17 @@ class NodeArg:
 
     @property
     def name(self) -> str:
+        """The tensor's name."""
         return self._name
 
     @property
     def shape(self) -> Optional[List[Dim]]:
+        """Dims (int, symbolic name or None), or None when even the rank is unknown."""
         return None if self._shape is None else list(self._shape)
 
     @property
     def type(self) -> str:
+        """The ONNX type string, e.g. ``tensor(float)``."""
         return self._type
 
     def __repr__(self) -> str:

@@ -343,23 +343,29 @@ class InferenceSession:
         return self._parser.input_args()
 
     def get_outputs(self) -> List[NodeArg]:
+        """The model's outputs (RKNN: type ``tensor(float)`` unless ``output_dtype="native"``)."""
         return self._parser.output_args()
 
     def get_modelmeta(self) -> ModelMetadata:
+        """The model's metadata (RKNN: ``rknn_custom_string`` in ``custom_metadata_map``)."""
         return self._backend.metadata()
 
     @property
     def input_names(self) -> List[str]:
+        """Input names in model order (a new list each time)."""
         return list(self._parser.input_names)
 
     @property
     def output_names(self) -> List[str]:
+        """Output names in model order (a new list each time)."""
         return list(self._parser.output_names)
 
     def get_providers(self) -> List[str]:
+        """The execution provider in use, as ONNX Runtime names it."""
         return self._backend.providers()
 
     def get_provider_options(self) -> Dict[str, Dict[str, Any]]:
+        """The provider's own options (ezrt's are in :attr:`config`)."""
         return self._backend.provider_options()
 
     @property
@@ -697,6 +703,7 @@ class InferenceSession:
 
     @property
     def closed(self) -> bool:
+        """True once ``close()`` has begun: new tasks are refused."""
         return self._engine is None or self._engine.closed
 
     def __enter__(self) -> InferenceSession:

@@ -45,10 +45,12 @@ class LatencyHistogram:
 
     @property
     def count(self) -> int:
+        """How many durations were recorded."""
         return sum(self.counts)
 
     @property
     def mean(self) -> float:
+        """Their exact mean in seconds (0.0 when empty)."""
         count = self.count
         return self.total / count if count else 0.0
 
