@@ -142,6 +142,8 @@ def test_bench_json_is_consistent(add_path, tmp_path, mode):
     assert run["first_run_ms"] > 0 and run["warmup_tasks"] > 0
     assert run["breakdown"]["compute"]["count"] >= run["tasks"]
     assert all(0 <= u <= 1.2 for u in run["worker_utilisation"].values())
+    depth = run["queue_depth"]
+    assert depth["series"] and depth["max"] == max(depth["series"]) and depth["period_s"] > 0
     assert "stable" in run["stability"]
     assert "throughput" in result.stdout and "[nearest rank]" in result.stdout
 

@@ -233,6 +233,8 @@ def standard_contenders(
 # ---------------------------------------------------------------------------- ezrt bench
 
 MODES = ("run", "run_async", "pipeline", "batch")
+#: How often the bench samples the tasks in flight (seconds).
+DEPTH_PERIOD = 0.05
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 
 
@@ -307,7 +309,8 @@ class BenchResult:
             "queue_depth": {
                 "mean": statistics.fmean(self.queue_depths) if self.queue_depths else 0.0,
                 "max": max(self.queue_depths) if self.queue_depths else 0,
-                "samples": len(self.queue_depths),
+                "period_s": DEPTH_PERIOD,
+                "series": list(self.queue_depths),  # tasks queued + running + awaiting callback
             },
         }
 
@@ -405,7 +408,7 @@ def measure(
     stop_sampling = threading.Event()
 
     def sample() -> None:  # queue depth over time, and the progress display
-        while not stop_sampling.wait(0.05):
+        while not stop_sampling.wait(DEPTH_PERIOD):
             snapshot = session.stats()
             depths.append(snapshot.queued + snapshot.running + snapshot.undelivered)
             if progress is not None:

@@ -116,7 +116,8 @@ def _report(result: Any, out: TextIO) -> None:
     print(f"worker utilisation  {busy}", file=out)
     depth = data["queue_depth"]
     print(
-        f"tasks in flight     mean {depth['mean']:.1f}, max {depth['max']} (sampled every 50 ms)",
+        f"tasks in flight     mean {depth['mean']:.1f}, max {depth['max']} "
+        f"(sampled every {depth['period_s'] * 1000:.0f} ms)",
         file=out,
     )
 
@@ -124,10 +125,12 @@ def _report(result: Any, out: TextIO) -> None:
 def _plot(results: List[Any], path: str) -> None:
     import matplotlib
 
+    from .bench import DEPTH_PERIOD
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (left, right, depth) = plt.subplots(1, 3, figsize=(15, 4))
     for result in results:
         label = f"{result.mode} {result.options}"
         left.hist(result.latencies_ms, bins=60, alpha=0.6, label=label)
@@ -141,8 +144,11 @@ def _plot(results: List[Any], path: str) -> None:
             right.plot(
                 [(i + 0.5) * width for i in range(bins)], [c / width for c in counts], label=label
             )
+        series = result.queue_depths
+        depth.plot([(i + 1) * DEPTH_PERIOD for i in range(len(series))], series, label=label)
     left.set(title="latency", xlabel="ms", ylabel="tasks")
     right.set(title="throughput over time", xlabel="s", ylabel="samples/s")
+    depth.set(title="tasks in flight", xlabel="s", ylabel="queued + running + awaiting callback")
     left.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
