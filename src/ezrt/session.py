@@ -442,13 +442,9 @@ class InferenceSession:
         """
         if not callable(callback):
             raise InvalidTypeError(f"callback must be callable (got {type(callback).__name__})")
-        if _dispatch_batch(run_options):
-            raise InvalidArgumentError(
-                f"run_async does not support {DISPATCH_BATCH_KEY}=True; use run() for batches"
-            )
-        engine = self._live_engine()
-        selection = self._parser.select_outputs(output_names)
-        arrays = self._parser.parse(input_feed, copy=True)
+        request, selection, _ = self._prepare(
+            output_names, input_feed, run_options, None, "run_async"
+        )
 
         def deliver(result: Any, error: Optional[BaseException]) -> None:
             if error is None:
@@ -456,7 +452,7 @@ class InferenceSession:
             else:
                 callback(None, user_data, describe_error(error))
 
-        engine.submit(Request(arrays, selection.fetch), deliver, delivered=True, what="run_async")
+        self._live_engine().submit(request, deliver, delivered=True, what="run_async")
 
     def run_pipeline(
         self, input_feed: Any, depth: int = 3, reset: bool = False
