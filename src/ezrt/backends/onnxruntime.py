@@ -114,18 +114,18 @@ class OrtBackend:
                     f"(master: {share_with.device}, sha256 {share_with.model_digest[:12]}; "
                     f"this one: {device}, sha256 {self.model_digest[:12]})"
                 )
-            self._sessions = dict.fromkeys(self._routes(), share_with.master)
+            self._sessions = dict.fromkeys(self.config.routes, share_with.master)
             self.master = share_with.master
             self._shared = True
         else:
             self._shared = not config.disable_dup_context
             if self._shared:
-                for route in self._routes():
+                for route in self.config.routes:
                     self._sessions[route] = self._new_session(route)
-                self.master = self._sessions[self._routes()[0]]
+                self.master = self._sessions[self.config.routes[0]]
             else:
                 # The first worker of the first route adopts this one; the others build theirs.
-                self.master = self._new_session(self._routes()[0])
+                self.master = self._new_session(self.config.routes[0])
                 self._spare.append(self.master)
         self.inputs = [_spec(arg) for arg in self.master.get_inputs()]
         self.outputs = [_spec(arg) for arg in self.master.get_outputs()]
@@ -137,9 +137,6 @@ class OrtBackend:
         return hashlib.sha256(data).hexdigest()
 
     # ------------------------------------------------------------------ configuration
-
-    def _routes(self) -> Tuple[Optional[int], ...]:
-        return self.config.routes
 
     def _check_config(self) -> None:
         config = self.config
@@ -268,7 +265,9 @@ class OrtBackend:
             session = self._sessions[core]
         else:
             with self._lock:
-                session = self._spare.pop() if self._spare and core == self._routes()[0] else None
+                session = (
+                    self._spare.pop() if self._spare and core == self.config.routes[0] else None
+                )
             if session is None:
                 session = self._new_session(core)
         return OrtWorker(session, [spec.name for spec in self.inputs])

@@ -651,13 +651,6 @@ class Engine:
         for task in direct:
             self._call(task, None, error)
 
-    def _complete(self, task: Task, result: Any, error: Optional[BaseException]) -> None:
-        """Record a task's outcome exactly once and hand it on (lock not held)."""
-        with self._lock:
-            call_directly = self._record(task, result, error)
-        if call_directly:
-            self._call(task, result, error)
-
     def _record(self, task: Task, result: Any, error: Optional[BaseException]) -> bool:
         """Count the outcome; queue it for the callback thread if delivered (lock held).
 

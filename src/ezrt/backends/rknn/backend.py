@@ -187,7 +187,7 @@ class RknnBackend:
         )
         return int(copy.value)
 
-    def _query(self, ctx: int, command: int, info: ctypes.Structure, what: str) -> int:
+    def _query(self, ctx: int, command: int, info: ctypes.Structure) -> int:
         return int(self.rt.rknn_query(ctx, command, ctypes.byref(info), ctypes.sizeof(info)))
 
     def _attr(self, ctx: int, command: int, index: int, kind: str) -> abi.TensorAttr:
@@ -195,14 +195,14 @@ class RknnBackend:
         attr.index = index
         abi.check(
             "rknn_query",
-            self._query(ctx, command, attr, kind),
+            self._query(ctx, command, attr),
             f" for {kind} index {index}",
         )
         return attr
 
     def _read_model_info(self, ctx: int) -> None:
         counts = abi.InputOutputNum()
-        abi.check("rknn_query", self._query(ctx, abi.QUERY_IN_OUT_NUM, counts, "io"))
+        abi.check("rknn_query", self._query(ctx, abi.QUERY_IN_OUT_NUM, counts))
         self.input_attrs = [
             self._attr(ctx, abi.QUERY_INPUT_ATTR, i, "input attr") for i in range(counts.n_input)
         ]
@@ -211,7 +211,7 @@ class RknnBackend:
         ]
         version = abi.SdkVersion()
         self.sdk_version = ""
-        if self._query(ctx, abi.QUERY_SDK_VERSION, version, "sdk") >= 0:
+        if self._query(ctx, abi.QUERY_SDK_VERSION, version) >= 0:
             self.sdk_version = version.api_version.decode("utf-8", "replace")
             parsed = abi.parse_version(self.sdk_version)
             if parsed and parsed < abi.RECOMMENDED_VERSION:
@@ -223,7 +223,7 @@ class RknnBackend:
                 )
         custom = abi.CustomString()
         self.custom_string = ""
-        if self._query(ctx, abi.QUERY_CUSTOM_STRING, custom, "custom string") >= 0:
+        if self._query(ctx, abi.QUERY_CUSTOM_STRING, custom) >= 0:
             # Invalid UTF-8 is replaced, not raised on access (upstream W26).
             self.custom_string = custom.string.decode("utf-8", "replace")
         self._read_dynamic_ranges(ctx)
@@ -235,7 +235,7 @@ class RknnBackend:
             found = abi.InputRange()
             found.index = i
             shapes: List[Tuple[int, ...]] = []
-            if self._query(ctx, abi.QUERY_INPUT_DYNAMIC_RANGE, found, "range") >= 0:
+            if self._query(ctx, abi.QUERY_INPUT_DYNAMIC_RANGE, found) >= 0:
                 for k in range(min(found.shape_number, abi.MAX_DYNAMIC_SHAPES)):
                     shapes.append(tuple(int(d) for d in found.dyn_range[k][: found.n_dims]))
             self.ranges.append(shapes)
@@ -420,7 +420,7 @@ class RknnBackend:
             for i in range(len(self.output_attrs)):
                 current = abi.TensorAttr()
                 current.index = i
-                if self._query(ctx, abi.QUERY_CURRENT_OUTPUT_ATTR, current, "output") < 0:
+                if self._query(ctx, abi.QUERY_CURRENT_OUTPUT_ATTR, current) < 0:
                     current = self._attr(ctx, abi.QUERY_OUTPUT_ATTR, i, "output attr")
                 attrs.append(current)
         results = []
