@@ -24,7 +24,6 @@ import queue
 import statistics
 import sys
 import threading
-import time
 from typing import Any, Callable, Dict
 
 import numpy as np
@@ -33,16 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from ezrt import InferenceSession
 
-
-def add_model() -> bytes:
-    from onnx import TensorProto, helper
-
-    spec = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in "aby"]
-    node = helper.make_node("Add", ["a", "b"], ["y"])
-    graph = helper.make_graph([node], "add", spec[:2], spec[2:])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return bytes(model.SerializeToString())
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput import add_model, per_call_us, per_task_us
 
 
 class FloorPipeline:
@@ -74,22 +65,6 @@ class FloorPipeline:
             callback(outputs, None, "")
 
 
-def per_task_us(submit: Callable[[Callable[..., None]], None], n: int) -> float:
-    done = threading.Event()
-    count = [0]
-
-    def callback(results: Any, user_data: Any, err: str) -> None:
-        count[0] += 1
-        if count[0] == n:
-            done.set()
-
-    started = time.perf_counter()
-    for _ in range(n):
-        submit(callback)
-    done.wait()
-    return (time.perf_counter() - started) / n * 1e6
-
-
 def main() -> None:
     import onnxruntime as ort
 
@@ -109,10 +84,7 @@ def main() -> None:
             model, provider_options={"schedule": [0], "max_queue_size": queue_size}
         )
         for _ in range(args.rounds):
-            started = time.perf_counter()
-            for _ in range(args.tasks):
-                raw_session.run(None, feed)
-            raw = (time.perf_counter() - started) / args.tasks * 1e6
+            raw = per_call_us(functools.partial(raw_session.run, None, feed), args.tasks)
             rows.setdefault("raw run", []).append(raw)
             floor_us = per_task_us(functools.partial(floor.submit, feed), args.tasks) - raw
             ezrt_us = per_task_us(functools.partial(ezrt.run_async, None, feed), args.tasks) - raw

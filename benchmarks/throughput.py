@@ -18,10 +18,12 @@ rounds, because the speed of this kind of machine drifts by up to 2x within seco
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import threading
 import time
+from typing import Any, Callable
 
 import numpy as np
 
@@ -42,6 +44,32 @@ def add_model() -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return bytes(model.SerializeToString())
+
+
+def per_call_us(call: Callable[[], object], n: int) -> float:
+    """Microseconds per call of ``call``, over ``n`` calls."""
+    started = time.perf_counter()
+    for _ in range(n):
+        call()
+    return (time.perf_counter() - started) / n * 1e6
+
+
+def per_task_us(submit: Callable[[Callable[..., None]], None], n: int) -> float:
+    """Microseconds per task for ``n`` tasks handed to ``submit(callback)``, until the last
+    callback has run."""
+    done = threading.Event()
+    count = [0]
+
+    def callback(results: Any, user_data: Any, err: str) -> None:
+        count[0] += 1
+        if count[0] == n:
+            done.set()
+
+    started = time.perf_counter()
+    for _ in range(n):
+        submit(callback)
+    done.wait()
+    return (time.perf_counter() - started) / n * 1e6
 
 
 def scaling(rounds: int, seconds: float) -> None:
@@ -110,40 +138,15 @@ def overhead(rounds: int, n: int) -> None:
         for q in (3, 8, 32)
     }
 
-    def per_task_raw() -> float:
-        started = time.perf_counter()
-        for _ in range(n):
-            raw.run(None, feed)
-        return (time.perf_counter() - started) / n * 1e6
-
-    def per_task_async(session: InferenceSession) -> float:
-        done = threading.Event()
-        count = [0]
-
-        def callback(results: object, user_data: object, err: str) -> None:
-            count[0] += 1
-            if count[0] == n:
-                done.set()
-
-        started = time.perf_counter()
-        for _ in range(n):
-            session.run_async(None, feed, callback)
-        done.wait()
-        return (time.perf_counter() - started) / n * 1e6
-
-    def per_task_sync(session: InferenceSession) -> float:
-        started = time.perf_counter()
-        for _ in range(n // 4):
-            session.run(None, feed)
-        return (time.perf_counter() - started) / (n // 4) * 1e6
-
     rows: dict = {"raw": [], **{f"run_async q={q}": [] for q in sessions}, "run (sync)": []}
     for _ in range(rounds):
-        base = per_task_raw()
+        base = per_call_us(functools.partial(raw.run, None, feed), n)
         rows["raw"].append(base)
         for q, session in sessions.items():
-            rows[f"run_async q={q}"].append(per_task_async(session) - base)
-        rows["run (sync)"].append(per_task_sync(sessions[3]) - base)
+            async_us = per_task_us(functools.partial(session.run_async, None, feed), n)
+            rows[f"run_async q={q}"].append(async_us - base)
+        sync_us = per_call_us(functools.partial(sessions[3].run, None, feed), n // 4)
+        rows["run (sync)"].append(sync_us - base)
     for session in sessions.values():
         session.close()
     print(f"== engine overhead: trivial Add model, 1 worker, {rounds} rounds x {n} tasks, medians")
