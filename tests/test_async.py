@@ -222,6 +222,8 @@ def test_one_freed_slot_admits_a_blocked_submitter_during_a_long_task(add_model,
 
 
 def test_at_most_eight_results_wait_for_the_callback(add_model):
+    """With the queue full and the worker busy, at most 8 finished results wait: run_async
+    tasks in flight never exceed max_queue_size + workers + 8."""
     release = threading.Event()
     calls = []
 
@@ -237,8 +239,8 @@ def test_at_most_eight_results_wait_for_the_callback(add_model):
                 accepted += 1
         depths = session.stats()
         release.set()
-    assert 8 <= accepted <= 8 + 1 + 1, accepted  # 8 waiting + 1 queued + 1 running
-    assert depths.undelivered <= 8 + 1
+    assert accepted == 1 + 1 + 8  # max_queue_size + workers + 8
+    assert depths.undelivered == accepted and depths.queued == 0 and depths.running == 0
     assert calls == list(range(accepted))
 
 
@@ -381,11 +383,12 @@ def test_callbacks_may_call_run_run_async_and_run_pipeline(add_model):
 
 def test_run_async_from_a_callback_fails_fast_when_the_callback_stage_is_full(add_model):
     outcome = {}
-    with session_for(add_model, max_queue_size=20) as session:
+    # 2 queued + 1 worker + 8: the 11 run_async tasks below fill the callback stage.
+    with session_for(add_model, max_queue_size=2) as session:
 
         def first(results, user_data, err):
             deadline = time.monotonic() + WAIT
-            while session.stats().undelivered < 8 and time.monotonic() < deadline:
+            while session.stats().undelivered < 11 and time.monotonic() < deadline:
                 time.sleep(0.005)
             started = time.monotonic()
             try:

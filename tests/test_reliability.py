@@ -6,6 +6,8 @@ The tests marked ``stress`` are the subset run repeatedly by hand to look for fl
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import os
 import random
 import signal
@@ -359,3 +361,132 @@ def test_interpreter_exit_with_a_hung_task_cancels_the_rest_and_exits(tmp_path):
     expected = f"outcomes ['cancelled', 'cancelled', 'cancelled', '{abandoned}']"
     assert expected in result.stdout, result.stdout
     assert "did not drain at exit" in result.stderr
+
+
+# ---------------------------------------------------------------- claims and tokens
+
+
+def test_close_wakes_every_blocked_submitter_at_once(add_model, faults):
+    """Submitters blocked on a full queue and on a full callback stage all raise
+    SessionClosedError when close() starts, not at their timeouts."""
+    faults.close_gate()
+    options = {"max_queue_size": 1, "submit_timeout_ms": 60_000}
+    session = ezrt.InferenceSession(add_model, provider_options=options)
+    collector = Collector()
+    session.run_async(None, [ones(), ones()], collector, "running")
+    faults.wait_started()
+    session.run_async(None, [ones(), ones()], collector, "queued")
+    outcomes: Counter = Counter()
+
+    def blocked(style):
+        try:
+            if style == "run_async":
+                session.run_async(None, [ones(), ones()], collector)
+            else:
+                session.submit(None, [ones(), ones()])
+            outcomes["accepted"] += 1
+        except ezrt.SessionClosedError:
+            outcomes["closed"] += 1
+
+    threads = [
+        threading.Thread(target=blocked, args=("run_async" if i % 2 else "submit",))
+        for i in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    assert session.close(cancel=True, timeout=0) is False  # the gated task still runs
+    for thread in threads:
+        thread.join(WAIT)
+    elapsed = time.monotonic() - started
+    faults.open_gate()
+    assert session.close(timeout=WAIT)
+    assert outcomes == Counter(closed=6), outcomes
+    assert elapsed < 5.0, f"blocked submitters took {elapsed:.1f} s to see the close"
+    calls = {user_data: err for _, user_data, err in collector.wait_for(2)}
+    assert calls["running"] == "" and "session was closed" in calls["queued"]
+
+
+def test_close_from_a_worker_thread_does_not_deadlock(add_model):
+    """A future's done-callback runs on the worker; closing there cannot wait for itself."""
+    session = ezrt.InferenceSession(add_model)
+    returned = []
+    future = session.submit(None, [ones(), ones()])
+    future.add_done_callback(lambda _: returned.append(session.close()))
+    assert future.result(WAIT)[0][0, 0] == 2.0
+    deadline = time.monotonic() + WAIT
+    while not returned and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert returned == [False]  # it could not wait for every thread: it is one of them
+    assert session.close(timeout=WAIT) is True
+    assert session.closed
+
+
+def test_cancelled_tasks_never_strand_a_worker(add_model, faults):
+    """Withdrawing queued tasks leaves the worker's wake-ups consistent: what is left runs,
+    the bound holds, and the slots come back."""
+    faults.close_gate()
+    options = {"max_queue_size": 8}
+    with ezrt.InferenceSession(add_model, provider_options=options) as session:
+        first = session.submit(None, [ones(), ones()])
+        faults.wait_started()
+        for round_ in range(5):  # fill the queue and withdraw all of it, five times over
+            futures = [session.submit(None, [ones(), ones()]) for _ in range(8)]
+            assert session.stats().queued == 8
+            assert all(f.cancel() for f in futures), round_
+            assert session.stats().queued == 0
+        kept = [session.submit(None, [ones(value=i), ones()]) for i in range(8)]
+        faults.open_gate()
+        assert first.result(WAIT)[0][0, 0] == 2.0
+        assert [f.result(WAIT)[0][0, 0] for f in kept] == [i + 1.0 for i in range(8)]
+        stats = session.stats()
+    assert stats.cancelled == 40 and stats.completed == 9 and stats.queued == 0
+
+
+@stress
+@pytest.mark.parametrize("seed", range(3))
+def test_cancels_and_deadlines_race_the_workers(add_model, faults, seed):
+    """Futures cancelled at random moments and deadlines expiring while workers take tasks:
+    every future ends exactly once, as a result, an error or a cancellation, and the
+    counters add up."""
+    faults.delay = lambda inputs: 0.0005 if inputs[0][0, 0] % 3 == 0 else 0.0
+    options = {"threads_per_core": 2, "max_queue_size": 6, "submit_timeout_ms": 10_000}
+    ended: Counter = Counter()
+    lock = threading.Lock()
+
+    def done(future):
+        with lock:
+            ended[id(future)] += 1
+
+    with ezrt.InferenceSession(add_model, provider_options=options) as session:
+        futures = []
+
+        def produce(worker):
+            local = random.Random(seed * 100 + worker)
+            for i in range(300):
+                deadline = local.choice([None, None, 0.0005, 0.002])
+                future = session.submit(None, [ones(value=i), ones()], deadline=deadline)
+                future.add_done_callback(done)
+                futures.append(future)
+                if local.random() < 0.3:
+                    time.sleep(local.random() * 0.0005)
+                    future.cancel()
+
+        threads = [threading.Thread(target=produce, args=(w,)) for w in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        expected = (ezrt.DeadlineExceededError, concurrent.futures.CancelledError)
+        for future in futures:
+            with contextlib.suppress(*expected):
+                future.result(WAIT)
+        session.close(timeout=WAIT)
+        stats = session.stats()
+    assert len(futures) == 1200
+    with lock:
+        assert sorted(ended.values()) == [1] * 1200
+    assert stats.completed + stats.expired + stats.cancelled + stats.failed == stats.submitted
+    assert stats.submitted == 1200 and stats.queued == stats.running == stats.undelivered == 0
+    assert stats.cancelled == sum(f.cancelled() for f in futures)

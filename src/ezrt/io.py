@@ -153,6 +153,10 @@ class OutputSelection:
 _ALL_OUTPUTS = OutputSelection(None)
 
 
+# (name, dtype, rank, exact shape or None, fixed (axis, size) pairs): see FeedParser.
+_FastPlan = Tuple[str, np.dtype, int, Optional[Tuple[int, ...]], Tuple[Tuple[int, int], ...]]
+
+
 class FeedParser:
     """Validates input feeds against the model's inputs for one session."""
 
@@ -177,20 +181,21 @@ class FeedParser:
             (s.shape[0], s.shape[2], s.shape[3], s.shape[1]) if nhwc and s.shape else s.shape
             for s, nhwc in zip(self.inputs, self._nhwc)
         )
-        # The fast path: per input, (name, dtype, rank, fixed (axis, size) pairs) for inputs
-        # fed as ndarrays of the right dtype in the model's own layout. Anything else takes
-        # the general path, which also produces every error message.
-        self._fast = tuple(
-            None
-            if nhwc or spec.dtype is None or shape is None
-            else (
-                spec.dtype,
-                len(shape),
-                tuple((axis, d) for axis, d in enumerate(shape) if isinstance(d, int) and d >= 0),
+        # The fast path: per input, (name, dtype, rank, exact shape or None, fixed (axis,
+        # size) pairs), for feeds of ndarrays with the right dtype in the model's own
+        # layout; None when some input never qualifies. Anything else takes the general
+        # path, which also produces every error message.
+        plans: Optional[List[_FastPlan]] = []
+        for spec, shape, nhwc in zip(self.inputs, self.user_shapes, self._nhwc):
+            if plans is None or nhwc or spec.dtype is None or shape is None:
+                plans = None
+                continue
+            fixed = tuple(
+                (axis, d) for axis, d in enumerate(shape) if isinstance(d, int) and d >= 0
             )
-            for spec, shape, nhwc in zip(self.inputs, self.user_shapes, self._nhwc)
-        )
-        self._single_name = self.input_names[0] if len(self.inputs) == 1 else None
+            exact = tuple(d for _, d in fixed) if len(fixed) == len(shape) else None
+            plans.append((spec.name, np.dtype(spec.dtype), len(shape), exact, fixed))
+        self._fast: Optional[Tuple[_FastPlan, ...]] = None if plans is None else tuple(plans)
 
     # ------------------------------------------------------------------ introspection
 
@@ -366,31 +371,38 @@ class FeedParser:
 
     def _parse_fast(self, input_feed: Any, copy: bool) -> Optional[Tuple[np.ndarray, ...]]:
         """The common case in few bytecodes; None means "take the general path"."""
-        if type(input_feed) is dict and len(input_feed) == len(self.inputs):
-            try:
-                values = [input_feed[name] for name in self.input_names]
-            except KeyError:
+        plans = self._fast
+        if plans is None:
+            return None
+        if type(input_feed) is dict:
+            if len(input_feed) != len(plans):
                 return None
-        elif type(input_feed) is np.ndarray and self._single_name is not None:
-            values = [input_feed]
+            get = input_feed.get
+        elif type(input_feed) is np.ndarray and len(plans) == 1:
+            get = {plans[0][0]: input_feed}.get
         else:
             return None
         arrays = []
-        for value, fast in zip(values, self._fast):
-            if fast is None or type(value) is not np.ndarray:
+        for name, dtype, rank, exact, fixed in plans:
+            value = get(name)
+            if type(value) is not np.ndarray or value.dtype != dtype:
                 return None
-            dtype, rank, fixed = fast
-            if value.dtype != dtype or value.ndim != rank:
-                return None
-            shape = value.shape
-            for axis, size in fixed:
-                if shape[axis] != size:
+            if exact is not None:
+                if value.shape != exact:
                     return None
+            elif value.ndim == rank:
+                shape = value.shape
+                for axis, size in fixed:
+                    if shape[axis] != size:
+                        return None
+            else:
+                return None
             if copy:
-                value = value.copy(order="C")
-            elif not value.flags.c_contiguous:
-                value = np.ascontiguousarray(value)
-            arrays.append(value)
+                arrays.append(value.copy())  # C order, owned
+            elif value.flags.c_contiguous:
+                arrays.append(value)
+            else:
+                arrays.append(np.ascontiguousarray(value))
         return tuple(arrays)
 
     def parse(self, input_feed: Any, *, copy: bool) -> Tuple[np.ndarray, ...]:

@@ -446,9 +446,11 @@ class InferenceSession:
             output_names, input_feed, run_options, None, "run_async"
         )
 
+        arrange = None if selection.picks is None else selection.arrange
+
         def deliver(result: Any, error: Optional[BaseException]) -> None:
             if error is None:
-                callback(selection.arrange(result), user_data, "")
+                callback(result if arrange is None else arrange(result), user_data, "")
             else:
                 callback(None, user_data, describe_error(error))
 
@@ -513,7 +515,7 @@ class InferenceSession:
         self, output_names: Any, input_feed: Any, run_options: Any, deadline: Any, what: str
     ) -> _Prepared:
         """Validate and copy on the caller's thread; the deadline clock starts here."""
-        if _dispatch_batch(run_options):
+        if run_options is not None and _dispatch_batch(run_options):
             raise InvalidArgumentError(
                 f"{what} does not support {DISPATCH_BATCH_KEY}=True; use run() for batches"
             )

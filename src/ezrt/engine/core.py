@@ -7,41 +7,57 @@ called exactly once with ``(result, None)`` or ``(None, error)``.
 Two kinds of completion:
 
 * **delivered** (``run_async`` callbacks): handed to the single callback thread, in
-  submission order when ``sequential``; at most ``max_undelivered`` finished results may
-  wait for it before admission blocks.
+  submission order when ``sequential``.
 * **direct** (``run``, pipelines, futures): called on the worker thread that finished the
   task. Nothing waits for the callback thread, so a callback may call ``run`` safely and a
   synchronous ``run`` pays no extra thread hop.
 
-Locking: one lock, ``_lock``, guards every piece of mutable state below (queues, counters,
-the ready map, the lifecycle flags). It is held only for short bookkeeping: never while a
-runner runs, never while user code (a completion) runs, never across a sleep except
-through its own conditions, whose waits release it (and the GIL). Three conditions share it:
+Data flow and its primitives. The hot path uses only ``queue.SimpleQueue`` and
+``collections.deque`` operations, which are atomic C calls: a thread cannot lose the GIL
+half-way through one, so the submitter, the workers and the callback thread never queue
+up behind each other on a Python lock (that convoy, not the Python itself, used to cost
+more than the inference of a small model).
 
-* ``_space``: capacity freed (a task left a queue, a result left the ready map, closing).
-  Waited on by submitters.
-* ``_work[r]``: a task was queued for route ``r``, or closing. Waited on by that route's
-  workers.
-* ``_ready_cv``: a delivered completion arrived, a worker exited, or closing. Waited on by
-  the callback thread.
-
-Admission checks and enqueues under one acquisition, so the bounds are exact and no
-wake-up can be lost (a waiter re-checks its predicate under the same lock that the
-notifier held when it changed the state).
+* **Admission tokens.** ``_slots`` holds ``max_queue_size`` tokens: a task takes one to be
+  queued and gives it back when a worker starts it (or it is withdrawn). ``_stage`` holds
+  ``max_queue_size + workers + max_undelivered`` tokens: a delivered task holds one from
+  admission until its callback has returned, so with the queue full and every worker busy
+  at most ``max_undelivered`` finished results wait for the callback thread. A blocked
+  submitter sleeps in ``SimpleQueue.get`` and wakes as soon as a token is given back, or
+  at its deadline. ``close()`` puts ``_CLOSED`` in both pools; each waiter that takes it
+  passes it on and raises.
+* **Acceptance.** ``_lock`` serialises the moment of acceptance: the closed check, the
+  delivery sequence number, pacing, the route choice and the append to the route queue.
+  ``close()`` takes it to stop admission and append one ``_STOP`` per worker after every
+  accepted task. It is never held while waiting.
+* **Dispatch.** Per route: a ``deque`` of tasks and a ``SimpleQueue`` "bell" with at least
+  one item per queued task. A worker waits on its bell, then claims a task with
+  ``popleft``. Cancelling, expiry and ``close(cancel=True)`` claim with ``remove`` or
+  ``popleft`` on the same deque, so exactly one party gets each queued task.
+* **Running.** ``_running[worker index]`` holds the task being run; the worker claims its
+  outcome back with ``dict.pop``. Only :meth:`_abandon` (interpreter exit with a task that
+  never finishes) competes for it; a late result is then ignored.
+* **Delivery.** Finished delivered tasks go to ``_done``; the callback thread alone owns
+  the reordering buffer and takes everything ready per wake-up.
+* **Statistics.** Each worker and the callback thread record into their own
+  :class:`_Ledger`; events on other threads (timeouts, drops, cancels, expiry, close)
+  record into a shared one under ``_stats_lock``. :meth:`Engine.stats` merges them.
 
 Threads owned by the engine never wait for the engine in a way that could depend on
 themselves: a worker thread that submits never blocks (it fails at once with
-:class:`ReentrancyError` when there is no room), and the callback thread may wait for
-queue space (workers free it) but never for callback-stage space (only it frees that).
+:class:`ReentrancyError` when there is no room), and the callback thread may wait for a
+queue slot (workers free those) but never for a callback-stage token (only it frees those).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import heapq
 import itertools
 import logging
 import os
+import queue
 import threading
 import time
 import weakref
@@ -65,8 +81,12 @@ __all__ = ["Engine", "EngineConfig", "Runner", "Task"]
 logger = logging.getLogger("ezrt")
 
 Completion = Callable[[Any, Optional[BaseException]], None]
+_Finished = Tuple["Task", Any, Optional[BaseException]]
 
-_QUEUED, _RUNNING, _DONE = 0, 1, 2
+_STOP = object()  # in a route queue: the worker that takes it exits
+_WAKE = object()  # in the done queue: the callback thread re-checks whether it may stop
+_CLOSED = object()  # in a token pool: the session closed; a waiter passes it on and raises
+_TOKEN = True  # in a token pool: room for one task
 
 
 class Runner(Protocol):
@@ -106,9 +126,14 @@ class EngineConfig:
             return (None,)
         return tuple(sorted(distinct))  # type: ignore[type-var]
 
+    @property
+    def workers(self) -> int:
+        return self.threads_per_core * len(self.routes)
+
 
 class Task:
-    """One accepted unit of work. ``state`` moves QUEUED -> RUNNING -> DONE, or QUEUED -> DONE."""
+    """One accepted unit of work. Who completes it is decided by the claims described in
+    the module docstring, never by this object's fields."""
 
     __slots__ = (
         "delivered",
@@ -119,7 +144,7 @@ class Task:
         "payload",
         "route",
         "seq",
-        "state",
+        "started",
         "submitted_at",
     )
 
@@ -140,10 +165,59 @@ class Task:
         #: time.monotonic() by which the task must have started, else it fails unrun.
         self.expires_at = expires_at
         self.route = 0
-        self.seq = -1
-        self.state = _QUEUED
+        self.seq = -1  # delivery order, for delivered tasks
+        self.started = False  # left the queue (a hint for pruning the deadline heap only)
         self.submitted_at = 0.0  # time.monotonic() at admission
         self.finished_at = 0.0  # time.monotonic() when the backend returned
+
+
+_OUTCOMES = ("completed", "failed", "dropped", "cancelled", "expired")
+
+
+def _outcome_of(error: Optional[BaseException]) -> str:
+    if error is None:
+        return "completed"
+    if isinstance(error, PacingDropError):
+        return "dropped"
+    if isinstance(error, SessionClosedError):
+        return "cancelled"
+    if isinstance(error, DeadlineExceededError):
+        return "expired"
+    return "failed"
+
+
+class _Ledger:
+    """Counts and latencies written by one thread (or under ``_stats_lock``).
+
+    A worker's ``queue_wait`` holds one entry per task it took from its queue, and its
+    ``compute`` total is its busy time.
+    """
+
+    __slots__ = (
+        "compute",
+        "counts",
+        "delivered",
+        "delivery",
+        "queue_wait",
+        "timed_out",
+        "to_deliver",
+        "withdrawn",
+    )
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(_OUTCOMES, 0)
+        self.withdrawn = 0  # tasks taken from a queue by cancel, expiry or close
+        self.to_deliver = 0  # outcomes handed to the callback thread
+        self.delivered = 0  # outcomes the callback thread has delivered
+        self.timed_out = 0
+        self.queue_wait = Histogram()
+        self.compute = Histogram()
+        self.delivery = Histogram()
+
+    def note(self, task: Task, error: Optional[BaseException]) -> None:
+        self.counts[_outcome_of(error)] += 1
+        if task.delivered:
+            self.to_deliver += 1
 
 
 # Engines alive in this process: closed at interpreter exit, poisoned in a fork child.
@@ -164,67 +238,55 @@ class Engine:
         self.config = config
         self._on_stopped = on_stopped
         self._routes = config.routes
+        n_routes = len(self._routes)
         route_index = {core: i for i, core in enumerate(self._routes)}
         # Round robin walks the user's schedule (duplicates weight it), as route indices.
         self._rr_routes = [route_index[core] for core in config.schedule]
         self._rr_next = 0
         self._weights = [config.schedule.count(core) for core in self._routes]
+        n_workers = config.workers
+        self._route_workers = [list(range(r, n_workers, n_routes)) for r in range(n_routes)]
 
+        # Admission (see the module docstring for each primitive's job).
+        self._slots: queue.SimpleQueue[object] = queue.SimpleQueue()
+        for _ in range(config.max_queue_size):
+            self._slots.put(_TOKEN)
+        self._stage: queue.SimpleQueue[object] = queue.SimpleQueue()
+        for _ in range(config.max_queue_size + n_workers + config.max_undelivered):
+            self._stage.put(_TOKEN)
         self._lock = threading.Lock()
-        self._space = threading.Condition(self._lock)
-        self._space_waiters = 0
-        self._work = [threading.Condition(self._lock) for _ in self._routes]
-        self._ready_cv = threading.Condition(self._lock)
+        self._stopping = False
+        self._submitted = 0  # these four: written under _lock
+        self._enqueued = 0
+        self._next_seq = 0
+        self._last_accepted = 0.0  # pacing: when the last task was accepted
+        self._avg_compute = 0.0  # pacing: moving average of compute time (workers write)
+        # Dispatch, running, delivery.
+        self._queues: List[Deque[Any]] = [deque() for _ in self._routes]
+        self._bells: List[queue.SimpleQueue[object]] = [queue.SimpleQueue() for _ in self._routes]
+        self._running: Dict[int, Task] = {}
+        self._done: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._abandoned = False  # interpreter exit gave up on running tasks
         # Deadlines: a heap of (expires_at, tiebreak, task) served by a thread started on
         # first use; it fails queued tasks at their deadline even when no worker frees.
-        self._expiry_cv = threading.Condition(self._lock)
+        self._expiry_cv = threading.Condition(threading.Lock())
         self._expiries: List[Tuple[float, int, Task]] = []
         self._expiry_tiebreak = itertools.count()
         self._expiry_thread: Optional[threading.Thread] = None
-        self._queues: List[Deque[Task]] = [deque() for _ in self._routes]
-        self._busy = [0] * len(self._routes)
-        # Sleepers, so that a notify is only paid for when someone is actually waiting.
-        self._idle = [0] * len(self._routes)
-        self._delivery_waiting = False
-        self._queued = 0
-        self._undelivered = 0
-        self._running_tasks: Set[Task] = set()
-        # Set only at interpreter exit when tasks never finish: deliver without waiting.
-        self._order_abandoned = False
-        self._ready: Dict[int, Tuple[Task, Any, Optional[BaseException]]] = {}
-        self._ready_fifo: Deque[Tuple[Task, Any, Optional[BaseException]]] = deque()
-        self._next_seq = 0
-        self._next_delivery = 0
-        self._stopping = False
-        self._forked = False
+        # Statistics and the live-worker count.
+        self._stats_lock = threading.Lock()
+        self._shared = _Ledger()
+        self._ledgers = [_Ledger() for _ in range(n_workers)]
+        self._delivery_ledger = _Ledger()
         self._live_workers = 0
-        self._started_count = 0
-        self._startup_errors: List[BaseException] = []
-        # Pacing: exponential moving average of compute time and the last accepted time.
-        self._avg_compute = 0.0
-        self._last_accepted = 0.0
-        # Metrics, all guarded by _lock and recorded where it is held anyway.
         self._started_at = time.monotonic()
-        self._queue_wait = Histogram()
-        self._compute = Histogram()
-        self._delivery = Histogram()
-        self._busy_seconds: Dict[str, float] = {}
-        # Counters (read by stats()).
-        self.counts = {
-            "submitted": 0,
-            "completed": 0,
-            "failed": 0,
-            "dropped": 0,
-            "cancelled": 0,
-            "expired": 0,
-            "timed_out": 0,
-        }
+        self._forked = False
 
+        self._reports: queue.SimpleQueue[Optional[BaseException]] = queue.SimpleQueue()
         self._worker_threads: List[threading.Thread] = []
         self._worker_idents: Set[int] = set()
-        n_workers = config.threads_per_core * len(self._routes)
         for i in range(n_workers):
-            route = i % len(self._routes)
+            route = i % n_routes
             core = self._routes[route]
             where = "auto" if core is None else f"core{core}"
             thread = threading.Thread(
@@ -244,34 +306,32 @@ class Engine:
     # ------------------------------------------------------------------ lifecycle
 
     def _start(self) -> None:
-        n = len(self._worker_threads)
-        with self._lock:
-            self._live_workers = n
         for thread in self._worker_threads:
             thread.start()
-        with self._lock:
-            # Each worker reports in (runner made, or failed) by counting _started_count.
-            while self._pending_starts() and not self._startup_errors:
-                self._ready_cv.wait()
-            failed = list(self._startup_errors)
+        # Each worker reports once: None (its runner is made) or the exception.
+        reports = [self._reports.get() for _ in self._worker_threads]
+        failed = [report for report in reports if report is not None]
         if failed:
             self._abort_start()
             raise failed[0]
         self._delivery_thread.start()
         self._delivery_ident = self._delivery_thread.ident
 
-    def _pending_starts(self) -> bool:
-        return self._started_count < len(self._worker_threads)
-
     def _abort_start(self) -> None:
         with self._lock:
             self._stopping = True
-            for cv in self._work:
-                cv.notify_all()
+            self._append_stops()
         for thread in self._worker_threads:
             thread.join()
         if self._on_stopped is not None:
             self._on_stopped()
+
+    def _append_stops(self) -> None:
+        """One stop marker per worker, after everything queued (``_lock`` held)."""
+        for route, workers in enumerate(self._route_workers):
+            for _ in workers:
+                self._queues[route].append(_STOP)
+                self._bells[route].put(_TOKEN)
 
     @property
     def closed(self) -> bool:
@@ -284,32 +344,44 @@ class Engine:
 
         Cancelled tasks complete with :class:`SessionClosedError`. Running tasks always finish.
         Returns True when every thread has exited (always, with ``wait`` and no ``timeout``).
-        Safe to call from any thread, callbacks included (a thread never joins itself), and
-        more than once.
+        Safe to call from any thread and more than once. From the callback thread it does
+        not wait for that thread itself; from a worker thread it does not wait at all (the
+        threads cannot all stop while this one is inside a task).
         """
         if self._forked:
-            # In a fork child the threads do not exist and the lock may have been copied
-            # while held: there is nothing to stop, and touching the lock could hang.
+            # In a fork child the threads do not exist and a lock may have been copied
+            # while held: there is nothing to stop, and touching a lock could hang.
             return True
-        error = SessionClosedError("task cancelled: the session was closed before it ran")
-        direct: List[Task] = []
+        withdrawn: List[Task] = []
         with self._lock:
+            first = not self._stopping
             self._stopping = True
             if cancel:
-                for queue in self._queues:
-                    for task in queue:
-                        if self._record(task, None, error):
-                            direct.append(task)
-                    queue.clear()
-                self._queued = 0
-            for cv in self._work:
-                cv.notify_all()
-            self._space.notify_all()
-            self._ready_cv.notify_all()
-            self._expiry_cv.notify_all()
-        for task in direct:
-            self._call(task, None, error)
-        if not wait:
+                for tasks in self._queues:
+                    while True:
+                        try:
+                            task = tasks.popleft()
+                        except IndexError:
+                            break
+                        if task is not _STOP:
+                            withdrawn.append(task)
+            if first or cancel:  # cancelling may have taken an earlier close's markers
+                self._append_stops()
+        if first:
+            self._slots.put(_CLOSED)
+            self._stage.put(_CLOSED)
+            with self._expiry_cv:
+                self._expiry_cv.notify_all()
+        if withdrawn:
+            error = SessionClosedError("task cancelled: the session was closed before it ran")
+            with self._stats_lock:
+                self._shared.withdrawn += len(withdrawn)
+                for task in withdrawn:
+                    self._shared.note(task, error)
+            for task in withdrawn:
+                self._hand_over(task, None, error)
+        self._done.put(_WAKE)
+        if not wait or threading.get_ident() in self._worker_idents:
             return False
         deadline = None if timeout is None else time.monotonic() + timeout
         me = threading.current_thread()
@@ -354,86 +426,157 @@ class Engine:
         :class:`ReentrancyError` when waiting could depend on the calling thread. A pacing
         drop is not raised: the task completes at once with :class:`PacingDropError`.
         """
-        self._check_usable()
+        if self._forked:
+            self._check_usable()
         if expires_at is not None and delivered:
             raise ValueError("deadlines are for directly completed tasks")
         task = Task(payload, on_done, delivered, on_start, expires_at)
+        # Room first: one C call per pool when there is some; _wait() otherwise.
+        stage = self._stage if delivered else None
+        if stage is not None:
+            try:
+                token = stage.get(False)
+            except queue.Empty:
+                token = self._wait(stage, task, what, wait, timeout)
+            if token is not _TOKEN:  # _CLOSED (delivered tasks have no deadline)
+                stage.put(token)
+                raise SessionClosedError(f"{what} rejected: the session is closed")
+        slots = self._slots
+        try:
+            try:
+                token = slots.get(False)
+            except queue.Empty:
+                token = self._wait(slots, task, what, wait, timeout)
+        except BaseException:
+            if stage is not None:
+                stage.put(_TOKEN)
+            raise
+        if token is not _TOKEN:
+            if token is None:  # its own deadline passed while it waited for room
+                self._fail_unqueued(task, self._expired_error(task, time.monotonic()))
+                return task
+            slots.put(token)
+            if stage is not None:
+                stage.put(_TOKEN)
+            raise SessionClosedError(f"{what} rejected: the session is closed")
+        # Acceptance.
+        failure: Optional[PacingDropError] = None
+        with self._lock:
+            closed = self._stopping
+            if not closed:
+                self._submitted += 1
+                task.submitted_at = now = time.monotonic()
+                if delivered:
+                    task.seq = self._next_seq
+                    self._next_seq += 1
+                if self.config.pacing and self._avg_compute > 0.0:
+                    failure = self._pacing_drop(what, now)
+                if failure is None:
+                    self._last_accepted = now
+                    task.route = route = self._pick_route()
+                    self._enqueued += 1
+                    self._queues[route].append(task)
+                    self._bells[route].put(_TOKEN)
+                    if expires_at is None:
+                        return task
+        if closed:  # while this task waited for room
+            slots.put(_TOKEN)
+            if stage is not None:
+                stage.put(_TOKEN)
+            raise SessionClosedError(f"{what} rejected: the session is closed")
+        if failure is not None:
+            slots.put(_TOKEN)  # never queued; a delivered task keeps its stage token
+            self._fail_unqueued(task, failure, counted=True)
+        else:
+            self._arm_expiry(task)
+        return task
+
+    def _fail_unqueued(self, task: Task, error: EzrtError, *, counted: bool = False) -> None:
+        """Complete a task that was accepted but never queued (dropped or expired)."""
+        if not counted:
+            with self._lock:
+                self._submitted += 1
+        with self._stats_lock:
+            self._shared.note(task, error)
+        self._hand_over(task, None, error)
+
+    def _wait(
+        self,
+        pool: queue.SimpleQueue[object],
+        task: Task,
+        what: str,
+        wait: bool,
+        timeout: Optional[float],
+    ) -> object:
+        """Admission's slow path: wait for a token of ``pool`` (the GIL is released).
+
+        Returns the token (``_CLOSED`` too), or None when the task's own deadline passed
+        first. Raises when waiting is not allowed, could deadlock, or timed out. The wait
+        for both pools is one wait: its start is kept in ``task.submitted_at`` until the
+        task is accepted.
+        """
+        if not wait:
+            raise PipelineFullError(
+                f"{what} rejected: async queue/callback pipeline is full ({self._depths()})"
+            )
         ident = threading.get_ident()
         on_worker = ident in self._worker_idents
-        on_delivery = ident == self._delivery_ident
-        config = self.config
-        deadline: Optional[float] = None
-        wait_started = 0.0
-        failure: Optional[EzrtError] = None
-        with self._lock:
-            while True:
-                if self._stopping:
-                    raise SessionClosedError(f"{what} rejected: the session is closed")
-                queue_full = self._queued >= config.max_queue_size
-                stage_full = delivered and self._undelivered >= config.max_undelivered
-                if not queue_full and not stage_full:
-                    break
-                if not wait:
-                    raise PipelineFullError(
-                        f"{what} rejected: async queue/callback pipeline is full "
-                        f"({self._queued} queued, {self._undelivered} results awaiting callbacks)"
-                    )
-                if on_worker or (on_delivery and stage_full):
-                    raise ReentrancyError(
-                        f"{what} called from an ezrt {'worker' if on_worker else 'callback'} "
-                        "thread while the pipeline is full: waiting would depend on this "
-                        "thread itself. Submit from another thread, or raise max_queue_size."
-                    )
-                now = time.monotonic()
-                if deadline is None:
-                    wait_started = now
-                    deadline = now + (config.submit_timeout_s if timeout is None else timeout)
-                if expires_at is not None and now >= expires_at:
-                    failure = self._expired_error(task, now)
-                    break
-                if now >= deadline:
-                    self.counts["timed_out"] += 1
-                    raise SubmitTimeoutError(
-                        f"{what} submit timed out: async queue/callback pipeline is saturated "
-                        f"(waited {1000 * (now - wait_started):.0f} ms; {self._queued} queued, "
-                        f"{self._undelivered} results awaiting callbacks)"
-                    )
-                until = deadline if expires_at is None else min(deadline, expires_at)
-                self._space_waiters += 1
-                try:
-                    self._space.wait(until - now)
-                finally:
-                    self._space_waiters -= 1
-            self.counts["submitted"] += 1
-            now = time.monotonic()
-            task.submitted_at = now
-            if delivered:
-                task.seq = self._next_seq
-                self._next_seq += 1
-            if failure is None and config.pacing and self._avg_compute > 0.0:
-                interval = self._avg_compute / len(self._routes)
-                gap = now - self._last_accepted
-                if gap < interval:
-                    failure = PacingDropError(
-                        f"{what}: dropped by pacing (arrived {1000 * gap:.2f} ms after the last "
-                        f"accepted task; the cores take one every {1000 * interval:.2f} ms)"
-                    )
-            if failure is None:
-                self._last_accepted = now
-                route = self._pick_route()
-                task.route = route
-                self._queues[route].append(task)
-                self._queued += 1
-                if self._idle[route]:
-                    self._work[route].notify()
-                if expires_at is not None:
-                    self._arm_expiry(task)
-                return task
-            # Recorded under this same lock, so the callback thread cannot miss it.
-            call_directly = self._record(task, None, failure)
-        if call_directly:
-            self._call(task, None, failure)
-        return task
+        if on_worker or (pool is self._stage and ident == self._delivery_ident):
+            raise ReentrancyError(
+                f"{what} called from an ezrt {'worker' if on_worker else 'callback'} "
+                "thread while the pipeline is full: waiting would depend on this "
+                "thread itself. Submit from another thread, or raise max_queue_size."
+            )
+        if not task.submitted_at:
+            task.submitted_at = time.monotonic()
+        since = task.submitted_at
+        until = since + (self.config.submit_timeout_s if timeout is None else timeout)
+        if task.expires_at is not None:
+            until = min(until, task.expires_at)
+        try:
+            return pool.get(True, max(0.0, until - time.monotonic()))
+        except queue.Empty:
+            pass
+        now = time.monotonic()
+        if task.expires_at is not None and now >= task.expires_at:
+            return None
+        with self._stats_lock:
+            self._shared.timed_out += 1
+        raise SubmitTimeoutError(
+            f"{what} submit timed out: async queue/callback pipeline is saturated "
+            f"(waited {1000 * (now - since):.0f} ms; {self._depths()})"
+        )
+
+    def _depths(self) -> str:
+        stats = self.stats()
+        return f"{stats.queued} queued, {stats.undelivered} results awaiting callbacks"
+
+    def _pacing_drop(self, what: str, now: float) -> Optional[PacingDropError]:
+        """The pacing verdict for a task arriving now (``_lock`` held)."""
+        interval = self._avg_compute / len(self._routes)
+        gap = now - self._last_accepted
+        if gap >= interval:
+            return None
+        return PacingDropError(
+            f"{what}: dropped by pacing (arrived {1000 * gap:.2f} ms after the last "
+            f"accepted task; the cores take one every {1000 * interval:.2f} ms)"
+        )
+
+    def _pick_route(self) -> int:
+        """Choose the route for a new task (``_lock`` held)."""
+        if len(self._routes) == 1:
+            return 0
+        if self.config.dispatch_policy == "round_robin":
+            route = self._rr_routes[self._rr_next]
+            self._rr_next = (self._rr_next + 1) % len(self._rr_routes)
+            return route
+        # least_loaded: fewest queued + running tasks per unit of schedule weight.
+        running = self._running
+        loads = [
+            (len(self._queues[r]) + sum(1 for i in workers if i in running)) / self._weights[r]
+            for r, workers in enumerate(self._route_workers)
+        ]
+        return loads.index(min(loads))
 
     @staticmethod
     def _expired_error(task: Task, now: float) -> DeadlineExceededError:
@@ -443,74 +586,66 @@ class Engine:
         )
 
     def _arm_expiry(self, task: Task) -> None:
-        """Register a queued task's deadline with the expiry thread (lock held)."""
+        """Register a queued task's deadline with the expiry thread."""
         assert task.expires_at is not None
-        heap = self._expiries
-        heapq.heappush(heap, (task.expires_at, next(self._expiry_tiebreak), task))
-        if self._expiry_thread is None:
-            self._expiry_thread = threading.Thread(
-                target=self._expiry_main, name=f"{self.config.name}-deadline", daemon=True
-            )
-            self._expiry_thread.start()
-        elif heap[0][2] is task:
-            self._expiry_cv.notify()
+        with self._expiry_cv:
+            heap = self._expiries
+            while heap and heap[0][2].started:  # keep the heap about as long as the queue
+                heapq.heappop(heap)
+            heapq.heappush(heap, (task.expires_at, next(self._expiry_tiebreak), task))
+            if self._expiry_thread is None:
+                self._expiry_thread = threading.Thread(
+                    target=self._expiry_main, name=f"{self.config.name}-deadline", daemon=True
+                )
+                self._expiry_thread.start()
+            elif heap[0][2] is task:
+                self._expiry_cv.notify()
 
     def _expiry_main(self) -> None:
         """Fail queued tasks whose deadline passed, without waiting for a worker."""
         while True:
-            expired: List[Tuple[Task, DeadlineExceededError]] = []
-            with self._lock:
+            due: List[Task] = []
+            with self._expiry_cv:
                 while not self._stopping:
                     now = time.monotonic()
                     heap = self._expiries
-                    while heap and (heap[0][0] <= now or heap[0][2].state != _QUEUED):
-                        _, _, task = heapq.heappop(heap)
-                        if task.state == _QUEUED:
-                            self._queues[task.route].remove(task)
-                            self._queued -= 1
-                            error = self._expired_error(task, now)
-                            if self._record(task, None, error):
-                                expired.append((task, error))
-                    if expired:
-                        if self._space_waiters:
-                            self._space.notify_all()
+                    while heap and (heap[0][0] <= now or heap[0][2].started):
+                        due.append(heapq.heappop(heap)[2])
+                    if due:
                         break
                     self._expiry_cv.wait(heap[0][0] - now if heap else None)
-            for task, error in expired:
-                self._call(task, None, error)
-            if not expired:
+            if not due:
                 return  # closing: workers fail stale tasks as they reach them
+            now = time.monotonic()
+            for task in due:
+                if not task.started and self._withdraw(task):
+                    error = self._expired_error(task, now)
+                    with self._stats_lock:
+                        self._shared.note(task, error)
+                    self._hand_over(task, None, error)
 
-    def _pick_route(self) -> int:
-        """Choose the route for a new task (lock held)."""
-        if len(self._routes) == 1:
-            return 0
-        if self.config.dispatch_policy == "round_robin":
-            route = self._rr_routes[self._rr_next]
-            self._rr_next = (self._rr_next + 1) % len(self._rr_routes)
-            return route
-        # least_loaded: fewest queued + running tasks per unit of schedule weight.
-        loads = [
-            (len(self._queues[r]) + self._busy[r]) / self._weights[r]
-            for r in range(len(self._routes))
-        ]
-        return loads.index(min(loads))
+    def _withdraw(self, task: Task) -> bool:
+        """Claim a queued task for cancel or expiry: False if a worker (or close) took it."""
+        try:
+            self._queues[task.route].remove(task)
+        except ValueError:
+            return False
+        with contextlib.suppress(queue.Empty):
+            self._bells[task.route].get(False)  # its bell item, unless a worker holds it
+        task.started = True
+        self._slots.put(_TOKEN)
+        with self._stats_lock:
+            self._shared.withdrawn += 1
+        return True
 
     def cancel(self, task: Task) -> bool:
         """Withdraw a task that no worker has started. Its completion is not called."""
-        with self._lock:
-            if task.state != _QUEUED or task.delivered:
-                return False
-            try:
-                self._queues[task.route].remove(task)
-            except ValueError:
-                return False
-            task.state = _DONE
-            self._queued -= 1
-            self.counts["cancelled"] += 1
-            if self._space_waiters:
-                self._space.notify_all()
-            return True
+        if task.delivered or not self._withdraw(task):
+            return False
+        task.payload = None
+        with self._stats_lock:
+            self._shared.counts["cancelled"] += 1
+        return True
 
     def assert_may_block(self, what: str) -> None:
         """Raise if the calling thread is a worker: waiting there could wait on itself."""
@@ -530,98 +665,83 @@ class Engine:
     # ------------------------------------------------------------------ workers
 
     def _worker_main(self, route: int, index: int, make_runner: RunnerFactory) -> None:
-        core = self._routes[route]
         try:
-            runner = make_runner(core, index)
+            runner = make_runner(self._routes[route], index)
         except BaseException as exc:  # report to the constructor, which re-raises it
-            with self._lock:
-                self._startup_errors.append(exc)
-                self._started_count += 1
-                self._live_workers -= 1
-                self._ready_cv.notify_all()
+            self._reports.put(exc)
             return
-        self._worker_idents.add(threading.get_ident())
-        queue = self._queues[route]
-        work = self._work[route]
-        config = self.config
-        with self._lock:
-            self._started_count += 1
-            self._ready_cv.notify_all()
-        finished: Optional[Tuple[Task, Any, Optional[BaseException]]] = None
-        compute = 0.0
-        name = threading.current_thread().name
-        with self._lock:
-            self._busy_seconds[name] = 0.0
+        ident = threading.get_ident()
+        self._worker_idents.add(ident)
+        with self._stats_lock:
+            self._live_workers += 1
+        self._reports.put(None)
+        tasks, bell, slots, running = (
+            self._queues[route],
+            self._bells[route],
+            self._slots,
+            self._running,
+        )
+        ledger = self._ledgers[index]
+        counts = ledger.counts
+        record_wait, record_compute = ledger.queue_wait.add, ledger.compute.add
+        run = runner.run
+        done = self._done
+        pacing = self.config.pacing
+        monotonic = time.monotonic
         try:
             while True:
-                call_directly = False
-                with self._lock:
-                    # One acquisition records the last outcome and takes the next task.
-                    if finished is not None:
-                        self._busy[route] -= 1
-                        self._compute.add(compute)
-                        self._busy_seconds[name] += compute
-                        if config.pacing:
-                            avg = self._avg_compute
-                            self._avg_compute = (
-                                compute if avg == 0.0 else 0.95 * avg + 0.05 * compute
-                            )
-                        call_directly = self._record(*finished)
-                    while not queue and not self._stopping and not call_directly:
-                        self._idle[route] += 1
-                        work.wait()
-                        self._idle[route] -= 1
-                    task = queue.popleft() if queue else None
-                    if task is not None:
-                        task.state = _RUNNING
-                        self._queue_wait.add(time.monotonic() - task.submitted_at)
-                        self._running_tasks.add(task)
-                        self._queued -= 1
-                        self._busy[route] += 1
-                        if self._space_waiters:
-                            self._space.notify_all()
-                if call_directly:
-                    assert finished is not None
-                    self._call(*finished)
-                finished = None
-                if task is None:
-                    if call_directly:
-                        continue  # go back and wait for work
+                bell.get()
+                try:
+                    task = tasks.popleft()
+                except IndexError:
+                    continue  # the task this bell item announced was withdrawn meanwhile
+                if task is _STOP:
                     break
+                task.started = True
+                slots.put(_TOKEN)  # a slot frees as the task leaves the queue
+                started = monotonic()
+                record_wait(started - task.submitted_at)
                 if (task.expires_at is not None or task.on_start is not None) and not self._begin(
-                    task, route
+                    task, ledger, started
                 ):
                     continue
-                started = time.monotonic()
+                running[index] = task
                 try:
-                    result, error = runner.run(task.payload), None
+                    result, error = run(task.payload), None
                 except BaseException as exc:  # a task's failure is its result, never the worker's
                     result, error = None, exc
-                task.finished_at = time.monotonic()
-                compute = task.finished_at - started
-                finished = (task, result, error)
+                task.finished_at = finished = monotonic()
+                record_compute(finished - started)
+                if pacing:  # racing workers may lose an update: harmless for an average
+                    avg, compute = self._avg_compute, finished - started
+                    self._avg_compute = compute if avg == 0.0 else 0.95 * avg + 0.05 * compute
+                if running.pop(index, None) is None:
+                    continue  # abandoned at interpreter exit: it was already reported failed
+                # What _hand_over does, inline: this is the hot path.
+                counts["completed" if error is None else _outcome_of(error)] += 1
+                task.payload = None
+                if task.delivered:
+                    ledger.to_deliver += 1
+                    done.put((task, result, error))
+                else:
+                    self._call(task, result, error)
         finally:
-            self._worker_idents.discard(threading.get_ident())
+            self._worker_idents.discard(ident)
             try:
                 runner.close()
             except Exception:
                 logger.exception("ezrt: closing a backend worker failed")
-            with self._lock:
+            with self._stats_lock:
                 self._live_workers -= 1
-                self._ready_cv.notify_all()
+            self._done.put(_WAKE)
 
-    def _begin(self, task: Task, route: int) -> bool:
-        """Last checks on a popped task: False if it must not run (expired or withdrawn)."""
-        if task.expires_at is not None:
-            now = time.monotonic()
-            if now > task.expires_at:
-                error = self._expired_error(task, now)
-                with self._lock:
-                    self._busy[route] -= 1
-                    call_directly = self._record(task, None, error)
-                if call_directly:
-                    self._call(task, None, error)
-                return False
+    def _begin(self, task: Task, ledger: _Ledger, now: float) -> bool:
+        """Last checks on a claimed task: False if it must not run (expired or withdrawn)."""
+        if task.expires_at is not None and now > task.expires_at:
+            error = self._expired_error(task, now)
+            ledger.note(task, error)
+            self._hand_over(task, None, error)
+            return False
         if task.on_start is not None:
             try:
                 proceed = task.on_start()
@@ -629,58 +749,33 @@ class Engine:
                 logger.exception("ezrt: a task's start hook raised; the task is skipped")
                 proceed = False
             if not proceed:
-                with self._lock:
-                    self._busy[route] -= 1
-                    task.state = _DONE
-                    self.counts["cancelled"] += 1
+                task.payload = None
+                ledger.counts["cancelled"] += 1
                 return False
         return True
+
+    def _hand_over(self, task: Task, result: Any, error: Optional[BaseException]) -> None:
+        """Complete a task whose outcome this thread has claimed (and counted)."""
+        task.payload = None  # the inputs are no longer needed; do not keep them alive
+        if task.delivered:
+            self._done.put((task, result, error))
+        else:
+            self._call(task, result, error)
 
     def _abandon(self) -> None:
         """Interpreter exit only, after drain and cancel timed out: tasks still running will
         not finish. Fail them now (their late results are ignored) and let the callback
-        thread deliver what is left without waiting for them."""
+        thread finish without waiting for their workers."""
         error = SessionClosedError("task abandoned: still running when the interpreter exited")
-        direct: List[Task] = []
-        with self._lock:
-            self._order_abandoned = True
-            for task in list(self._running_tasks):
-                if self._record(task, None, error):
-                    direct.append(task)
-            self._ready_cv.notify_all()
-        for task in direct:
-            self._call(task, None, error)
-
-    def _record(self, task: Task, result: Any, error: Optional[BaseException]) -> bool:
-        """Count the outcome; queue it for the callback thread if delivered (lock held).
-
-        Returns True when the caller must run the completion itself, after releasing the lock.
-        A task already completed (abandoned at exit) is ignored: exactly once.
-        """
-        if task.state == _DONE:
-            return False
-        task.state = _DONE
-        self._running_tasks.discard(task)
-        if error is None:
-            self.counts["completed"] += 1
-        elif isinstance(error, PacingDropError):
-            self.counts["dropped"] += 1
-        elif isinstance(error, SessionClosedError):
-            self.counts["cancelled"] += 1
-        elif isinstance(error, DeadlineExceededError):
-            self.counts["expired"] += 1
-        else:
-            self.counts["failed"] += 1
-        if not task.delivered:
-            return True
-        if self.config.sequential:
-            self._ready[task.seq] = (task, result, error)
-        else:
-            self._ready_fifo.append((task, result, error))
-        self._undelivered += 1
-        if self._delivery_waiting:
-            self._ready_cv.notify()
-        return False
+        self._abandoned = True
+        for index in list(self._running):
+            task = self._running.pop(index, None)
+            if task is None:
+                continue  # it finished meanwhile and its worker reported it
+            with self._stats_lock:
+                self._shared.note(task, error)
+            self._hand_over(task, None, error)
+        self._done.put(_WAKE)
 
     @staticmethod
     def _call(task: Task, result: Any, error: Optional[BaseException]) -> None:
@@ -691,58 +786,49 @@ class Engine:
 
     # ------------------------------------------------------------------ delivery
 
-    def _take_ready(self) -> List[Tuple[Task, Any, Optional[BaseException]]]:
-        """Every completion deliverable now, in order when sequential (lock held)."""
-        if self._order_abandoned and self._ready:
-            items = [self._ready.pop(seq) for seq in sorted(self._ready)]
-            self._next_delivery = items[-1][0].seq + 1
-            items.extend(self._ready_fifo)
-            self._ready_fifo.clear()
-            return items
-        if not self.config.sequential:
-            items = list(self._ready_fifo)
-            self._ready_fifo.clear()
-            return items
-        items = []
-        ready = self._ready
-        while self._next_delivery in ready:
-            items.append(ready.pop(self._next_delivery))
-            self._next_delivery += 1
-        return items
-
     def _delivery_main(self) -> None:
         """The callback thread: deliver in order, one wake-up for everything that is ready."""
-        lock = self._lock
+        done, stage = self._done, self._stage
+        ledger = self._delivery_ledger
+        record = ledger.delivery.add
+        sequential = self.config.sequential
+        early: Dict[int, _Finished] = {}  # finished before an earlier task (sequential only)
+        next_seq = 0
+        monotonic = time.monotonic
         while True:
-            with lock:
-                items = self._take_ready()
-                while not items:
-                    if self._stopping and (self._live_workers == 0 or self._order_abandoned):
-                        if not self._ready:
-                            break
-                        # A gap in the sequence cannot happen; never strand results if it did.
-                        logger.error("ezrt: delivery order gap at %d", self._next_delivery)
-                        self._next_delivery = min(self._ready)
-                    else:
-                        self._delivery_waiting = True
-                        self._ready_cv.wait()
-                        self._delivery_waiting = False
-                    items = self._take_ready()
-            if not items:
-                break
-            for task, result, error in items:
+            arrived = [done.get()]
+            while True:
+                try:
+                    arrived.append(done.get(False))
+                except queue.Empty:
+                    break
+            ready: List[_Finished] = []
+            for item in arrived:
+                if item is _WAKE:
+                    continue
+                if not sequential or (item[0].seq == next_seq and not early):
+                    ready.append(item)  # in order already: the usual case
+                    next_seq += 1
+                else:
+                    early[item[0].seq] = item
+            while next_seq in early:
+                ready.append(early.pop(next_seq))
+                next_seq += 1
+            for task, result, error in ready:
                 try:
                     task.on_done(result, error)
                 except BaseException:
                     logger.exception("ezrt: a run_async callback raised; delivery continues")
-            delivered_at = time.monotonic()
-            with lock:
-                for task, _, _ in items:
-                    if task.finished_at:  # 0: never ran (cancelled, dropped, expired)
-                        self._delivery.add(delivered_at - task.finished_at)
-                self._undelivered -= len(items)
-                if self._space_waiters:
-                    self._space.notify_all()
+                if task.finished_at:  # 0: it never ran (cancelled, dropped, expired)
+                    record(monotonic() - task.finished_at)
+                ledger.delivered += 1
+                stage.put(_TOKEN)
+            if (
+                self._stopping
+                and ledger.delivered == self._next_seq
+                and (self._live_workers == 0 or self._abandoned)
+            ):
+                break
         if self._on_stopped is not None:
             try:
                 self._on_stopped()
@@ -752,20 +838,44 @@ class Engine:
     # ------------------------------------------------------------------ introspection
 
     def stats(self) -> SessionStats:
-        """A consistent snapshot of counters, depths and latency histograms."""
+        """A snapshot of counters, depths and latency histograms.
+
+        Every figure is exact once the session is idle; while tasks are moving, figures
+        recorded by different threads may be a few tasks apart.
+        """
         self._check_usable()
-        with self._lock:
-            return SessionStats(
-                **self.counts,
-                queued=self._queued,
-                running=sum(self._busy),
-                undelivered=self._undelivered,
-                uptime_seconds=time.monotonic() - self._started_at,
-                queue_wait=self._queue_wait.snapshot(),
-                compute=self._compute.snapshot(),
-                delivery=self._delivery.snapshot(),
-                worker_busy_seconds=dict(self._busy_seconds),
-            )
+        ledgers = [*self._ledgers, self._delivery_ledger]
+        with self._stats_lock:
+            shared = self._shared
+            counts = dict(shared.counts)
+            withdrawn, to_deliver, timed_out = shared.withdrawn, shared.to_deliver, shared.timed_out
+        for ledger in ledgers:
+            for key, count in list(ledger.counts.items()):
+                counts[key] += count
+            to_deliver += ledger.to_deliver
+        queue_wait = compute = Histogram().snapshot()
+        busy: Dict[str, float] = {}
+        for thread, ledger in zip(self._worker_threads, self._ledgers):
+            queue_wait = queue_wait.merge(ledger.queue_wait.snapshot())
+            mine = ledger.compute.snapshot()
+            busy[thread.name] = mine.total
+            compute = compute.merge(mine)
+        delivered = self._delivery_ledger.delivered
+        with self._lock:  # read after the ledgers, so that queued is never negative
+            submitted, enqueued = self._submitted, self._enqueued
+        return SessionStats(
+            submitted=submitted,
+            timed_out=timed_out,
+            **counts,
+            queued=max(0, enqueued - queue_wait.count - withdrawn),
+            running=len(self._running),
+            undelivered=max(0, to_deliver - delivered),
+            uptime_seconds=time.monotonic() - self._started_at,
+            queue_wait=queue_wait,
+            compute=compute,
+            delivery=self._delivery_ledger.delivery.snapshot(),
+            worker_busy_seconds=busy,
+        )
 
 
 #: At interpreter exit, how long unclosed sessions may drain before the rest is cancelled.

@@ -1,7 +1,7 @@
 """Latency histograms and the session statistics snapshot.
 
 Histograms have fixed log-spaced buckets (8 per decade, 1 us to 100 s), so recording is a
-bisect and an increment under a lock the engine already holds, and they map directly onto
+bisect and an increment by the one thread that owns the histogram, and they map directly onto
 Prometheus histograms. Percentiles are estimates, interpolated inside a bucket (within
 about 15 % of the true value); the bench measures exact per-task latencies itself.
 """
@@ -19,7 +19,7 @@ BOUNDS: Tuple[float, ...] = tuple(1e-6 * 10 ** (k / 8) for k in range(65))
 
 
 class Histogram:
-    """Mutable, guarded by the engine's lock."""
+    """Mutable; written by one thread (each engine thread keeps its own), read by any."""
 
     __slots__ = ("counts", "total")
 
@@ -68,6 +68,12 @@ class LatencyHistogram:
                 return low + (high - low) * (rank - seen) / bucket
             seen += bucket
         return BOUNDS[-1]
+
+    def merge(self, other: LatencyHistogram) -> LatencyHistogram:
+        """Both sets of durations in one histogram."""
+        return LatencyHistogram(
+            tuple(a + b for a, b in zip(self.counts, other.counts)), self.total + other.total
+        )
 
     def since(self, earlier: LatencyHistogram) -> LatencyHistogram:
         """What was recorded after ``earlier`` (both from the same session)."""
