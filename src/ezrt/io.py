@@ -9,7 +9,7 @@ before admission, so a bad feed never takes a queue slot.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -374,6 +374,7 @@ class FeedParser:
         plans = self._fast
         if plans is None:
             return None
+        get: Callable[[str], Any]
         if type(input_feed) is dict:
             if len(input_feed) != len(plans):
                 return None

@@ -259,6 +259,8 @@ class Engine:
         self._submitted = 0  # these four: written under _lock
         self._enqueued = 0
         self._next_seq = 0
+        self._pacing = config.pacing
+        self._single_route = n_routes == 1
         self._last_accepted = 0.0  # pacing: when the last task was accepted
         self._avg_compute = 0.0  # pacing: moving average of compute time (workers write)
         # Dispatch, running, delivery.
@@ -434,19 +436,13 @@ class Engine:
         # Room first: one C call per pool when there is some; _wait() otherwise.
         stage = self._stage if delivered else None
         if stage is not None:
-            try:
-                token = stage.get(False)
-            except queue.Empty:
-                token = self._wait(stage, task, what, wait, timeout)
+            token = self._take(stage, task, what, wait, timeout)
             if token is not _TOKEN:  # _CLOSED (delivered tasks have no deadline)
                 stage.put(token)
                 raise SessionClosedError(f"{what} rejected: the session is closed")
         slots = self._slots
         try:
-            try:
-                token = slots.get(False)
-            except queue.Empty:
-                token = self._wait(slots, task, what, wait, timeout)
+            token = self._take(slots, task, what, wait, timeout)
         except BaseException:
             if stage is not None:
                 stage.put(_TOKEN)
@@ -469,11 +465,11 @@ class Engine:
                 if delivered:
                     task.seq = self._next_seq
                     self._next_seq += 1
-                if self.config.pacing and self._avg_compute > 0.0:
+                if self._pacing and self._avg_compute > 0.0:
                     failure = self._pacing_drop(what, now)
                 if failure is None:
                     self._last_accepted = now
-                    task.route = route = self._pick_route()
+                    task.route = route = 0 if self._single_route else self._pick_route()
                     self._enqueued += 1
                     self._queues[route].append(task)
                     self._bells[route].put(_TOKEN)
@@ -499,6 +495,22 @@ class Engine:
         with self._stats_lock:
             self._shared.note(task, error)
         self._hand_over(task, None, error)
+
+    def _take(
+        self,
+        pool: queue.SimpleQueue[object],
+        task: Task,
+        what: str,
+        wait: bool,
+        timeout: Optional[float],
+    ) -> object:
+        """A token from ``pool``: at once when there is one, else through :meth:`_wait`."""
+        if not pool.empty():
+            try:
+                return pool.get(False)
+            except queue.Empty:  # another submitter took the last one meanwhile
+                pass
+        return self._wait(pool, task, what, wait, timeout)
 
     def _wait(
         self,
@@ -563,9 +575,7 @@ class Engine:
         )
 
     def _pick_route(self) -> int:
-        """Choose the route for a new task (``_lock`` held)."""
-        if len(self._routes) == 1:
-            return 0
+        """Choose the route for a new task among several (``_lock`` held)."""
         if self.config.dispatch_policy == "round_robin":
             route = self._rr_routes[self._rr_next]
             self._rr_next = (self._rr_next + 1) % len(self._rr_routes)
@@ -688,9 +698,22 @@ class Engine:
         done = self._done
         pacing = self.config.pacing
         monotonic = time.monotonic
+        # A delivered outcome not yet handed to the callback thread. Threads this worker
+        # wakes (a submitter waiting for a slot, the callback thread) are woken just before
+        # it releases the GIL, to run the next task or to wait for one, so that they do not
+        # wake into a GIL that it still holds.
+        pending: Optional[_Finished] = None
         try:
             while True:
-                bell.get()
+                if pending is None:
+                    bell.get()
+                else:
+                    try:
+                        bell.get(False)
+                    except queue.Empty:  # about to wait: hand the last outcome over first
+                        done.put(pending)
+                        pending = None
+                        bell.get()
                 try:
                     task = tasks.popleft()
                 except IndexError:
@@ -698,14 +721,18 @@ class Engine:
                 if task is _STOP:
                     break
                 task.started = True
-                slots.put(_TOKEN)  # a slot frees as the task leaves the queue
                 started = monotonic()
                 record_wait(started - task.submitted_at)
                 if (task.expires_at is not None or task.on_start is not None) and not self._begin(
                     task, ledger, started
                 ):
+                    slots.put(_TOKEN)
                     continue
                 running[index] = task
+                slots.put(_TOKEN)  # a slot frees as the task leaves the queue
+                if pending is not None:
+                    done.put(pending)
+                    pending = None
                 try:
                     result, error = run(task.payload), None
                 except BaseException as exc:  # a task's failure is its result, never the worker's
@@ -722,10 +749,12 @@ class Engine:
                 task.payload = None
                 if task.delivered:
                     ledger.to_deliver += 1
-                    done.put((task, result, error))
+                    pending = (task, result, error)
                 else:
                     self._call(task, result, error)
         finally:
+            if pending is not None:
+                done.put(pending)
             self._worker_idents.discard(ident)
             try:
                 runner.close()
@@ -797,11 +826,8 @@ class Engine:
         monotonic = time.monotonic
         while True:
             arrived = [done.get()]
-            while True:
-                try:
-                    arrived.append(done.get(False))
-                except queue.Empty:
-                    break
+            while not done.empty():  # this thread is the only consumer: get() cannot block
+                arrived.append(done.get())
             ready: List[_Finished] = []
             for item in arrived:
                 if item is _WAKE:
