@@ -1,18 +1,22 @@
 """What a Python engine can reach: ezrt's run_async against a minimal C-queue pipeline.
 
-    python benchmarks/engine_floor.py [--rounds 5] [--tasks 20000]
+    python benchmarks/engine_floor.py [--rounds 5] [--tasks 20000] [--seconds 0.5]
 
-On a trivial Add model with one worker, three contenders, interleaved round by round:
+The "floor" is the smallest pipeline with the thread structure ezrt's contract requires
+(bounded admission with prompt wake-ups, input copied at submission, worker threads, one
+delivery thread calling the callback), built only from ``queue.SimpleQueue``: no feed
+validation, no ordering buffer, no statistics, cancel or deadlines. Two parts, each with
+its contenders interleaved round by round:
 
-* raw: one onnxruntime session, ``run`` in a loop (the baseline);
-* floor: the smallest pipeline with the same guarantees on the hot path (bounded admission
-  with prompt FIFO wake-ups, input copied at submission, a worker, a delivery thread calling
-  the callback) built only from ``queue.SimpleQueue``, whose critical sections run in C
-  and so cannot lose the GIL half-way. No ordering buffer, stats, cancel or deadlines;
-* ezrt: ``InferenceSession.run_async`` with the same queue bound.
+* overhead: a trivial Add model, one worker; microseconds per task above raw onnxruntime
+  ``run`` for the floor and for ``InferenceSession.run_async``, at queue bounds 3 and 32;
+* scaling: the demo CNN on every CPU; naive-pool (one thread per CPU calling its own
+  session, nothing copied, nothing handed over), the floor and ezrt run_async.
 
-It prints microseconds per task above raw. The gap between ezrt and the floor is what
-moving ezrt's hot path from a Python lock and conditions to C-level queues could recover.
+ezrt's engine is built from the same C-level queues, so its gap to the floor is the Python
+it runs per task on top (validating the feed, ordering, statistics). The floor's gap to
+naive-pool is the price of the structure itself: on a machine whose every core runs a
+worker, each hand-off to the submitting or delivery thread preempts a worker.
 """
 
 from __future__ import annotations
@@ -24,77 +28,150 @@ import queue
 import statistics
 import sys
 import threading
-from typing import Any, Callable, Dict
+import time
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from ezrt import InferenceSession
+from ezrt.backends.onnxruntime import allowed_cpus
+from ezrt.bench import demo_model_path, ezrt_contender, make_feed, naive_pool, run_rounds
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import add_model, per_call_us, per_task_us
 
 
 class FloorPipeline:
-    """Admission tokens, a task queue, one worker, one delivery thread: SimpleQueues only."""
+    """Admission tokens, a task queue, workers, one delivery thread: SimpleQueues only.
 
-    def __init__(self, session: Any, queue_size: int) -> None:
-        self._run = session.run
+    Each worker runs its own session from ``sessions`` (one thread each).
+    """
+
+    def __init__(self, sessions: List[Any], queue_size: int) -> None:
         self._tokens: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(queue_size):
             self._tokens.put(None)
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._results: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._work, daemon=True).start()
+        for session in sessions:
+            threading.Thread(target=self._work, args=(session.run,), daemon=True).start()
         threading.Thread(target=self._deliver, daemon=True).start()
 
     def submit(self, feed: Dict[str, np.ndarray], callback: Callable[..., None]) -> None:
-        self._tokens.get(timeout=10)  # bounded admission; FIFO, woken as soon as a slot frees
+        self._tokens.get(timeout=10)  # bounded admission, woken as soon as a slot frees
         self._tasks.put(({name: value.copy() for name, value in feed.items()}, callback))
 
-    def _work(self) -> None:
+    def _work(self, run: Callable[..., Any]) -> None:
         while True:
             feed, callback = self._tasks.get()
             self._tokens.put(None)  # the slot frees as the task starts
-            self._results.put((self._run(None, feed), callback))
+            self._results.put((run(None, feed), callback))
 
     def _deliver(self) -> None:
         while True:
             outputs, callback = self._results.get()
             callback(outputs, None, "")
 
+    def contender(self, feed: Dict[str, np.ndarray]) -> Callable[[float], int]:
+        """Submit for ``duration`` seconds, wait for the last callback; return the count."""
 
-def main() -> None:
+        def run(duration: float) -> int:
+            lock, finished = threading.Lock(), threading.Event()
+            state = {"done": 0, "sent": -1}
+
+            def callback(outputs: Any, user_data: Any, err: str) -> None:
+                with lock:
+                    state["done"] += 1
+                    if state["done"] == state["sent"]:
+                        finished.set()
+
+            sent = 0
+            end = time.perf_counter() + duration
+            while time.perf_counter() < end:
+                self.submit(feed, callback)
+                sent += 1
+            with lock:
+                state["sent"] = sent
+                if state["done"] == sent:
+                    finished.set()
+            finished.wait()
+            return sent
+
+        return run
+
+
+def one_thread_sessions(model: Any, n: int) -> List[Any]:
     import onnxruntime as ort
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--tasks", type=int, default=20_000)
-    args = parser.parse_args()
-    model = add_model()
-    feed = {"a": np.ones((1, 4), np.float32), "b": np.ones((1, 4), np.float32)}
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    raw_session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return [
+        ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]) for _ in range(n)
+    ]
+
+
+def scaling(rounds: int, seconds: float) -> None:
+    """The demo CNN on every CPU: naive-pool, the floor and ezrt run_async, interleaved."""
+    workers = len(allowed_cpus())
+    model = demo_model_path()
+    session = InferenceSession(
+        model, provider_options={"schedule": list(range(workers)), "max_queue_size": 8}
+    )
+    feed = make_feed(session.get_inputs())
+    floor = FloorPipeline(one_thread_sessions(model, workers), 8)
+    try:
+        results = run_rounds(
+            {
+                f"naive-pool ({workers})": naive_pool(model, feed, workers),
+                f"floor ({workers} workers)": floor.contender(feed),
+                f"ezrt run_async ({workers} workers)": ezrt_contender(session, feed),
+            },
+            rounds=rounds,
+            seconds=seconds,
+        )
+    finally:
+        session.close()
+    pool = results[f"naive-pool ({workers})"].median
+    print(f"demo CNN, {workers} workers, queue 8, {rounds} rounds x {seconds:g} s, medians")
+    for name, m in results.items():
+        print(f"  {name:<28} {m.median:8.1f}/s  x naive-pool {m.median / pool:5.2f}")
+
+
+def overhead(rounds: int, tasks: int) -> None:
+    """Microseconds per task above raw run on a trivial Add model, one worker."""
+    model = add_model()
+    feed = {"a": np.ones((1, 4), np.float32), "b": np.ones((1, 4), np.float32)}
+    raw_session, floor_session = one_thread_sessions(model, 2)
     rows: Dict[str, list] = {}
     for queue_size in (3, 32):
-        floor = FloorPipeline(raw_session, queue_size)
+        floor = FloorPipeline([floor_session], queue_size)
         ezrt = InferenceSession(
             model, provider_options={"schedule": [0], "max_queue_size": queue_size}
         )
-        for _ in range(args.rounds):
-            raw = per_call_us(functools.partial(raw_session.run, None, feed), args.tasks)
+        for _ in range(rounds):
+            raw = per_call_us(functools.partial(raw_session.run, None, feed), tasks)
             rows.setdefault("raw run", []).append(raw)
-            floor_us = per_task_us(functools.partial(floor.submit, feed), args.tasks) - raw
-            ezrt_us = per_task_us(functools.partial(ezrt.run_async, None, feed), args.tasks) - raw
+            floor_us = per_task_us(functools.partial(floor.submit, feed), tasks) - raw
+            ezrt_us = per_task_us(functools.partial(ezrt.run_async, None, feed), tasks) - raw
             rows.setdefault(f"floor, queue {queue_size}", []).append(floor_us)
             rows.setdefault(f"ezrt, queue {queue_size}", []).append(ezrt_us)
         ezrt.close()
-    print(f"trivial Add model, 1 worker, {args.rounds} rounds x {args.tasks} tasks, medians")
+    print(f"trivial Add model, 1 worker, {rounds} rounds x {tasks} tasks, medians")
     for name, values in rows.items():
         unit = "us per call" if name == "raw run" else "us per task above raw"
         print(f"  {name:<16} {statistics.median(values):7.1f} {unit}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--seconds", type=float, default=0.5, help="per CNN round")
+    args = parser.parse_args()
+    overhead(args.rounds, args.tasks)
+    scaling(args.rounds, args.seconds)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ Two kinds of completion:
 
 Data flow and its primitives. The hot path uses only ``queue.SimpleQueue`` and
 ``collections.deque`` operations, which are atomic C calls: a thread cannot lose the GIL
-half-way through one, so the submitter, the workers and the callback thread never queue
-up behind each other on a Python lock (that convoy, not the Python itself, used to cost
-more than the inference of a small model).
+half-way through one, so no thread ever sleeps on a lock held by a thread that is itself
+waiting for the GIL, and every wait is a single C-level wait. On a small model the cost
+per task is set by thread wake-ups and by the Python that runs between them, so the hot
+path keeps both to a minimum (one wake-up per hand-off, issued just before the waker
+releases the GIL).
 
 * **Admission tokens.** ``_slots`` holds ``max_queue_size`` tokens: a task takes one to be
   queued and gives it back when a worker starts it (or it is withdrawn). ``_stage`` holds
@@ -41,7 +43,10 @@ more than the inference of a small model).
   the reordering buffer and takes everything ready per wake-up.
 * **Statistics.** Each worker and the callback thread record into their own
   :class:`_Ledger`; events on other threads (timeouts, drops, cancels, expiry, close)
-  record into a shared one under ``_stats_lock``. :meth:`Engine.stats` merges them.
+  record into a shared one under ``_stats_lock``, which also guards the live-worker
+  count. :meth:`Engine.stats` merges them.
+* **Deadlines.** ``_expiry_cv`` (its own lock) guards the deadline heap; the expiry
+  thread withdraws a task through the same deque claim as ``cancel``.
 
 Threads owned by the engine never wait for the engine in a way that could depend on
 themselves: a worker thread that submits never blocks (it fails at once with
