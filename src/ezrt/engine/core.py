@@ -728,15 +728,14 @@ class Engine:
                 task.started = True
                 started = monotonic()
                 record_wait(started - task.submitted_at)
+                slots.put(_TOKEN)  # a slot frees as the task leaves the queue
                 if task.expires_at is not None or task.on_start is not None:
                     if pending is not None:  # _begin may run user code (future callbacks)
                         done.put(pending)
                         pending = None
                     if not self._begin(task, ledger, started):
-                        slots.put(_TOKEN)
                         continue
                 running[index] = task
-                slots.put(_TOKEN)  # a slot frees as the task leaves the queue
                 if pending is not None:
                     done.put(pending)
                     pending = None
