@@ -172,7 +172,7 @@ class Task:
         self.route = 0
         self.seq = -1  # delivery order, for delivered tasks
         self.started = False  # left the queue (a hint for pruning the deadline heap only)
-        self.submitted_at = 0.0  # time.monotonic() at admission
+        self.submitted_at = 0.0  # time.monotonic() at admission (before: when its wait began)
         self.finished_at = 0.0  # time.monotonic() when the backend returned
 
 
@@ -550,11 +550,14 @@ class Engine:
         until = since + (self.config.submit_timeout_s if timeout is None else timeout)
         if task.expires_at is not None:
             until = min(until, task.expires_at)
-        try:
-            return pool.get(True, max(0.0, until - time.monotonic()))
-        except queue.Empty:
-            pass
-        now = time.monotonic()
+        while True:
+            try:
+                return pool.get(True, max(0.0, until - time.monotonic()))
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            if now >= until:  # a timed wait may return a hair early: never decide before
+                break
         if task.expires_at is not None and now >= task.expires_at:
             return None
         with self._stats_lock:
