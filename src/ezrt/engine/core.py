@@ -438,7 +438,7 @@ class Engine:
         if expires_at is not None and delivered:
             raise ValueError("deadlines are for directly completed tasks")
         task = Task(payload, on_done, delivered, on_start, expires_at)
-        # Room first: one C call per pool when there is some; _wait() otherwise.
+        # Room first: a place on the callback stage (run_async only), then a queue slot.
         stage = self._stage if delivered else None
         if stage is not None:
             token = self._take(stage, task, what, wait, timeout)
@@ -509,29 +509,18 @@ class Engine:
         wait: bool,
         timeout: Optional[float],
     ) -> object:
-        """A token from ``pool``: at once when there is one, else through :meth:`_wait`."""
-        if not pool.empty():
-            try:
-                return pool.get(False)
-            except queue.Empty:  # another submitter took the last one meanwhile
-                pass
-        return self._wait(pool, task, what, wait, timeout)
-
-    def _wait(
-        self,
-        pool: queue.SimpleQueue[object],
-        task: Task,
-        what: str,
-        wait: bool,
-        timeout: Optional[float],
-    ) -> object:
-        """Admission's slow path: wait for a token of ``pool`` (the GIL is released).
+        """A token from ``pool``: at once when there is one, else after a wait (GIL released).
 
         Returns the token (``_CLOSED`` too), or None when the task's own deadline passed
         first. Raises when waiting is not allowed, could deadlock, or timed out. The wait
         for both pools is one wait: its start is kept in ``task.submitted_at`` until the
         task is accepted.
         """
+        if not pool.empty():
+            try:
+                return pool.get(False)
+            except queue.Empty:  # another submitter took the last one meanwhile
+                pass
         if not wait:
             raise PipelineFullError(
                 f"{what} rejected: async queue/callback pipeline is full ({self._depths()})"
