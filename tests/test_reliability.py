@@ -489,4 +489,7 @@ def test_cancels_and_deadlines_race_the_workers(add_model, faults, seed):
         assert sorted(ended.values()) == [1] * 1200
     assert stats.completed + stats.expired + stats.cancelled + stats.failed == stats.submitted
     assert stats.submitted == 1200 and stats.queued == stats.running == stats.undelivered == 0
-    assert stats.cancelled == sum(f.cancelled() for f in futures)
+    # A future cancelled by its owner after the engine expired its task (between the claim
+    # and set_exception) counts as expired in stats: the engine saw the deadline first.
+    cancelled = sum(f.cancelled() for f in futures)
+    assert stats.cancelled <= cancelled <= stats.cancelled + stats.expired
