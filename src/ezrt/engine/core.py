@@ -261,11 +261,11 @@ class Engine:
             self._stage.put(_TOKEN)
         self._lock = threading.Lock()
         self._stopping = False
+        self._pacing = config.pacing
+        self._single_route = n_routes == 1
         self._submitted = 0  # these four: written under _lock
         self._enqueued = 0
         self._next_seq = 0
-        self._pacing = config.pacing
-        self._single_route = n_routes == 1
         self._last_accepted = 0.0  # pacing: when the last task was accepted
         self._avg_compute = 0.0  # pacing: moving average of compute time (workers write)
         # Dispatch, running, delivery.
@@ -439,27 +439,19 @@ class Engine:
             raise ValueError("deadlines are for directly completed tasks")
         task = Task(payload, on_done, delivered, on_start, expires_at)
         # Room first: a place on the callback stage (run_async only), then a queue slot.
-        stage = self._stage if delivered else None
-        if stage is not None:
-            token = self._take(stage, task, what, wait, timeout)
-            if token is not _TOKEN:  # _CLOSED (delivered tasks have no deadline)
-                stage.put(token)
-                raise SessionClosedError(f"{what} rejected: the session is closed")
-        slots = self._slots
+        # (Delivered tasks have no deadline, so taking the stage place cannot return False.)
+        stage, slots = self._stage, self._slots
+        if delivered:
+            self._take(stage, task, what, wait, timeout)
         try:
-            token = self._take(slots, task, what, wait, timeout)
+            admitted = self._take(slots, task, what, wait, timeout)
         except BaseException:
-            if stage is not None:
+            if delivered:
                 stage.put(_TOKEN)
             raise
-        if token is not _TOKEN:
-            if token is None:  # its own deadline passed while it waited for room
-                self._fail_unqueued(task, self._expired_error(task, time.monotonic()))
-                return task
-            slots.put(token)
-            if stage is not None:
-                stage.put(_TOKEN)
-            raise SessionClosedError(f"{what} rejected: the session is closed")
+        if not admitted:  # its own deadline passed while it waited for room
+            self._fail_unqueued(task, self._expired_error(task, time.monotonic()))
+            return task
         # Acceptance.
         failure: Optional[PacingDropError] = None
         with self._lock:
@@ -482,7 +474,7 @@ class Engine:
                         return task
         if closed:  # while this task waited for room
             slots.put(_TOKEN)
-            if stage is not None:
+            if delivered:
                 stage.put(_TOKEN)
             raise SessionClosedError(f"{what} rejected: the session is closed")
         if failure is not None:
@@ -508,53 +500,56 @@ class Engine:
         what: str,
         wait: bool,
         timeout: Optional[float],
-    ) -> object:
-        """A token from ``pool``: at once when there is one, else after a wait (GIL released).
+    ) -> bool:
+        """Take a token from ``pool``, at once when there is one, else after a wait (GIL
+        released). False when the task's own deadline passed first.
 
-        Returns the token (``_CLOSED`` too), or None when the task's own deadline passed
-        first. Raises when waiting is not allowed, could deadlock, or timed out. The wait
-        for both pools is one wait: its start is kept in ``task.submitted_at`` until the
-        task is accepted.
+        Raises when closed, when waiting is not allowed or could deadlock, or at the
+        timeout. The wait for both pools is one wait: its start is kept in
+        ``task.submitted_at`` until the task is accepted.
         """
-        if not pool.empty():
-            try:
-                return pool.get(False)
-            except queue.Empty:  # another submitter took the last one meanwhile
-                pass
-        if not wait:
-            raise PipelineFullError(
-                f"{what} rejected: async queue/callback pipeline is full ({self._depths()})"
-            )
-        ident = threading.get_ident()
-        on_worker = ident in self._worker_idents
-        if on_worker or (pool is self._stage and ident == self._delivery_ident):
-            raise ReentrancyError(
-                f"{what} called from an ezrt {'worker' if on_worker else 'callback'} "
-                "thread while the pipeline is full: waiting would depend on this "
-                "thread itself. Submit from another thread, or raise max_queue_size."
-            )
-        if not task.submitted_at:
-            task.submitted_at = time.monotonic()
-        since = task.submitted_at
-        until = since + (self.config.submit_timeout_s if timeout is None else timeout)
-        if task.expires_at is not None:
-            until = min(until, task.expires_at)
-        while True:
-            try:
-                return pool.get(True, max(0.0, until - time.monotonic()))
-            except queue.Empty:
-                pass
-            now = time.monotonic()
-            if now >= until:  # a timed wait may return a hair early: never decide before
-                break
-        if task.expires_at is not None and now >= task.expires_at:
-            return None
-        with self._stats_lock:
-            self._shared.timed_out += 1
-        raise SubmitTimeoutError(
-            f"{what} submit timed out: async queue/callback pipeline is saturated "
-            f"(waited {1000 * (now - since):.0f} ms; {self._depths()})"
-        )
+        try:
+            token: object = None if pool.empty() else pool.get(False)
+        except queue.Empty:  # another submitter took the last one meanwhile
+            token = None
+        if token is None:
+            if not wait:
+                raise PipelineFullError(
+                    f"{what} rejected: async queue/callback pipeline is full ({self._depths()})"
+                )
+            ident = threading.get_ident()
+            on_worker = ident in self._worker_idents
+            if on_worker or (pool is self._stage and ident == self._delivery_ident):
+                raise ReentrancyError(
+                    f"{what} called from an ezrt {'worker' if on_worker else 'callback'} "
+                    "thread while the pipeline is full: waiting would depend on this "
+                    "thread itself. Submit from another thread, or raise max_queue_size."
+                )
+            if not task.submitted_at:
+                task.submitted_at = time.monotonic()
+            since = task.submitted_at
+            until = since + (self.config.submit_timeout_s if timeout is None else timeout)
+            if task.expires_at is not None:
+                until = min(until, task.expires_at)
+            while token is None:
+                try:
+                    token = pool.get(True, max(0.0, until - time.monotonic()))
+                except queue.Empty:
+                    now = time.monotonic()
+                    if now < until:  # a timed wait may return a hair early: wait the rest
+                        continue
+                    if task.expires_at is not None and now >= task.expires_at:
+                        return False
+                    with self._stats_lock:
+                        self._shared.timed_out += 1
+                    raise SubmitTimeoutError(
+                        f"{what} submit timed out: async queue/callback pipeline is "
+                        f"saturated (waited {1000 * (now - since):.0f} ms; {self._depths()})"
+                    ) from None
+        if token is _CLOSED:
+            pool.put(_CLOSED)  # pass it on to the next waiter
+            raise SessionClosedError(f"{what} rejected: the session is closed")
+        return True
 
     def _depths(self) -> str:
         stats = self.stats()
