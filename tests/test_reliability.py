@@ -322,12 +322,12 @@ SCRIPT_HUNG_EXIT = textwrap.dedent(
     atexit.register(lambda: print("outcomes", sorted(outcomes), flush=True))
     import numpy as np
     import ezrt
-    import ezrt.engine.core
+    import ezrt.engine.lifetime
     from ezrt.backends import onnxruntime as backend
     sys.path.insert(0, {tests!r})
     from conftest import build_model, tensor, FLOAT
     from onnx import helper
-    ezrt.engine.core.EXIT_DRAIN_SECONDS = 0.3
+    ezrt.engine.lifetime.EXIT_DRAIN_SECONDS = 0.3
     real = backend.OrtWorker.run
     def run(self, request):
         if request.inputs[0][0, 0] == 0:

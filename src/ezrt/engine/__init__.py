@@ -1,4 +1,4 @@
-"""The backend-agnostic engine: admission, workers, delivery."""
+"""The backend-agnostic engine: admission, dispatch, workers, delivery (see ``core.py``)."""
 
 from .core import Engine, EngineConfig, Runner, Task
 

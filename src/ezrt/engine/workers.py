@@ -1,0 +1,223 @@
+"""The worker threads: each takes tasks from its route's queue and runs them on its runner.
+
+:func:`work` is the thread's whole life, a module-level function handed exactly what it
+needs (as CPython's ``concurrent.futures`` worker is handed its queue). The loop is the
+engine's hot path: local bindings, no exceptions raised per task, and one wake-up per
+hand-off, issued just before this thread releases the GIL (a delivered outcome is handed
+to the callback thread only when the worker is about to run the next task or to wait).
+
+A running task belongs to whoever pops it from ``running``: the worker when its runner
+returns, or the engine's exit path when it gives up on a task that never finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol
+
+from .admission import ThreadRoles
+from .deadlines import expired_error
+from .dispatch import STOP, Pacing
+from .ledger import Ledger
+from .task import Finished, Task, finish
+
+__all__ = ["Crew", "Runner", "RunnerFactory", "WorkerPool", "work"]
+
+logger = logging.getLogger("ezrt")
+
+
+class Runner(Protocol):
+    """What a worker thread drives: made in that thread, used by it alone."""
+
+    def run(self, payload: Any) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+#: Makes a worker's runner, in that worker's thread: (core or None, worker index) -> Runner.
+RunnerFactory = Callable[[Optional[int], int], Runner]
+
+
+class Liveness:
+    """How many workers are running (guarded by its lock; read freely)."""
+
+    __slots__ = ("count", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.count = 0
+
+    def add(self, delta: int) -> None:
+        with self.lock:
+            self.count += delta
+
+
+@dataclass(frozen=True)
+class Crew:
+    """What every worker shares: where tasks come from and where outcomes go."""
+
+    make_runner: RunnerFactory
+    roles: ThreadRoles
+    #: Start-up reports: None (the runner is made) or the exception that stopped it.
+    reports: queue.SimpleQueue[Optional[BaseException]]
+    free_slot: Callable[[], None]  # give an admission slot back
+    running: Dict[int, Task]
+    deliver: Callable[[Finished], None]  # hand an outcome to the delivery thread
+    pacing: Optional[Pacing]
+    live: Liveness
+    on_exit: Callable[[], None]  # tell the delivery thread a worker stopped
+
+
+def work(
+    crew: Crew,
+    index: int,
+    core: Optional[int],
+    tasks: Deque[Any],
+    bell: queue.SimpleQueue[object],
+    ledger: Ledger,
+) -> None:
+    """A worker thread: make the runner, report, then run tasks until a ``STOP``."""
+    try:
+        runner = crew.make_runner(core, index)
+    except BaseException as exc:  # report to the constructor, which re-raises it
+        crew.reports.put(exc)
+        return
+    ident = threading.get_ident()
+    crew.roles.workers.add(ident)
+    crew.live.add(1)
+    crew.reports.put(None)
+    try:
+        _loop(crew, index, runner, tasks, bell, ledger)
+    finally:
+        crew.roles.workers.discard(ident)
+        try:
+            runner.close()
+        except Exception:
+            logger.exception("ezrt: closing a backend worker failed")
+        crew.live.add(-1)
+        crew.on_exit()
+
+
+def _loop(
+    crew: Crew,
+    index: int,
+    runner: Runner,
+    tasks: Deque[Any],
+    bell: queue.SimpleQueue[object],
+    ledger: Ledger,
+) -> None:
+    free_slot, running, deliver, pacing = crew.free_slot, crew.running, crew.deliver, crew.pacing
+    record_wait, record_compute = ledger.queue_wait.add, ledger.compute.add
+    run = runner.run
+    monotonic = time.monotonic
+    # A delivered outcome not yet handed to the callback thread (see the module docstring).
+    pending: Optional[Finished] = None
+    try:
+        while True:
+            if pending is None:
+                bell.get()
+            else:
+                try:
+                    bell.get(False)
+                except queue.Empty:  # about to wait: hand the last outcome over first
+                    deliver(pending)
+                    pending = None
+                    bell.get()
+            try:
+                task = tasks.popleft()
+            except IndexError:
+                continue  # the task this bell item announced was withdrawn meanwhile
+            if task is STOP:
+                break
+            task.started = True
+            started = monotonic()
+            record_wait(started - task.submitted_at)
+            free_slot()  # a slot frees as the task leaves the queue
+            if task.expires_at is not None or task.on_start is not None:
+                if pending is not None:  # the checks may run user code (future callbacks)
+                    deliver(pending)
+                    pending = None
+                if not _may_start(task, ledger, started, deliver):
+                    continue
+            running[index] = task
+            if pending is not None:
+                deliver(pending)
+                pending = None
+            try:
+                result, error = run(task.payload), None
+            except BaseException as exc:  # a task's failure is its result, never the worker's
+                result, error = None, exc
+            task.finished_at = finished = monotonic()
+            record_compute(finished - started)
+            if pacing is not None:
+                pacing.record(finished - started)
+            if running.pop(index, None) is None:
+                continue  # abandoned at interpreter exit: it was already reported failed
+            pending = finish(task, result, error, ledger)
+    finally:
+        if pending is not None:
+            deliver(pending)
+
+
+def _may_start(task: Task, ledger: Ledger, now: float, deliver: Callable[[Finished], None]) -> bool:
+    """Last checks on a claimed task: False if it must not run (expired or withdrawn)."""
+    if task.expires_at is not None and now > task.expires_at:
+        outcome = finish(task, None, expired_error(task, now), ledger)
+        if outcome is not None:
+            deliver(outcome)
+        return False
+    if task.on_start is not None:
+        try:
+            proceed = task.on_start()
+        except Exception:
+            logger.exception("ezrt: a task's start hook raised; the task is skipped")
+            proceed = False
+        if not proceed:
+            task.payload = None
+            ledger.counts["cancelled"] += 1
+            return False
+    return True
+
+
+class WorkerPool:
+    """The worker threads of one engine: started together, each reporting once."""
+
+    def __init__(
+        self,
+        crew: Crew,
+        name: str,
+        routes: List[Optional[int]],
+        queues: List[Deque[Any]],
+        bells: List[queue.SimpleQueue[object]],
+        ledgers: List[Ledger],
+    ) -> None:
+        self._crew = crew
+        self.threads: List[threading.Thread] = []
+        for index, ledger in enumerate(ledgers):
+            route = index % len(routes)
+            core = routes[route]
+            where = "auto" if core is None else f"core{core}"
+            self.threads.append(
+                threading.Thread(
+                    target=work,
+                    args=(crew, index, core, queues[route], bells[route], ledger),
+                    name=f"{name}-worker-{index}-{where}",
+                    daemon=True,
+                )
+            )
+
+    def start(self) -> Optional[BaseException]:
+        """Start every worker; the first start-up failure, or None when all are ready."""
+        for thread in self.threads:
+            thread.start()
+        reports = [self._crew.reports.get() for _ in self.threads]
+        failed = [report for report in reports if report is not None]
+        return failed[0] if failed else None
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join()
