@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Any, Callable, Iterator, List, Optional, Sequence
@@ -147,10 +148,14 @@ def faults(monkeypatch: pytest.MonkeyPatch) -> Iterator[Faults]:
         controller.runs += 1
         controller.started.release()
         assert controller.gate.wait(WAIT), "test gate never opened"
-        pause = controller.delay(request.inputs)
+        # The decisions see the input arrays in model order (ORT requests carry a dict).
+        inputs = request.inputs
+        if isinstance(inputs, dict):
+            inputs = tuple(inputs[arg.name] for arg in self._session.get_inputs())
+        pause = controller.delay(inputs)
         if pause:
             time.sleep(pause)
-        if controller.should_fail(request.inputs):
+        if controller.should_fail(inputs):
             raise ValueError("injected failure")
         return real_run(self, request)
 
@@ -206,3 +211,29 @@ def collector() -> Collector:
 
 def ones(shape: Sequence[int] = (1, 4), value: float = 1.0) -> np.ndarray:
     return np.full(shape, value, np.float32)
+
+
+def _without_addresses(error: BaseException) -> str:
+    """An error's text without object addresses (pybind quotes the session it was given)."""
+    return re.sub(r"0x[0-9a-fA-F]+", "0x?", str(error))
+
+
+def outcome_of(call: Callable[[], Any]) -> Any:
+    """What ``call`` returns, or the exception it raises."""
+    try:
+        return call()
+    except Exception as error:
+        return error
+
+
+def assert_same_error(ezrt_call: Callable[[], Any], ort_call: Callable[[], Any]) -> BaseException:
+    """ezrt fails as onnxruntime itself does: same text, an instance of ORT's class, and
+    (DESIGN invariant 6) a RuntimeError, ValueError or TypeError."""
+    expected = outcome_of(ort_call)
+    assert isinstance(expected, Exception), f"onnxruntime accepted the call: {expected!r}"
+    actual = outcome_of(ezrt_call)
+    assert isinstance(actual, Exception), f"ezrt accepted what onnxruntime refused: {expected!r}"
+    assert _without_addresses(actual) == _without_addresses(expected)
+    assert isinstance(actual, type(expected)), (type(actual).__mro__, type(expected))
+    assert isinstance(actual, (RuntimeError, ValueError, TypeError))
+    return actual

@@ -330,7 +330,7 @@ SCRIPT_HUNG_EXIT = textwrap.dedent(
     ezrt.engine.lifetime.EXIT_DRAIN_SECONDS = 0.3
     real = backend.OrtWorker.run
     def run(self, request):
-        if request.inputs[0][0, 0] == 0:
+        if request.inputs["x"][0, 0] == 0:
             threading.Event().wait()  # hangs for ever
         return real(self, request)
     backend.OrtWorker.run = run

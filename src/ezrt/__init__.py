@@ -1,9 +1,13 @@
-"""ezrt: an ONNX Runtime-shaped inference session that keeps every core busy.
+"""ezrt: ONNX Runtime's ``InferenceSession`` plus scheduling that keeps every core busy.
 
 ``from ezrt import InferenceSession`` is a drop-in for ``onnxruntime.InferenceSession``
 that adds ``run_async`` (callbacks, in order), ``run_pipeline``, batch dispatch over
 cores and bounded back-pressure, on ONNX Runtime (CPU, CUDA) or a Rockchip NPU.
-Importing ezrt loads neither onnxruntime nor librknnrt; they load when a session opens.
+
+``import ezrt as onnxruntime`` works too: every public name of onnxruntime that ezrt
+does not define (``SessionOptions``, ``RunOptions``, ``GraphOptimizationLevel``,
+``get_available_providers``, ...) is onnxruntime's own object, looked up on first use.
+Importing ezrt loads neither onnxruntime nor librknnrt; they load when first needed.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._version import __version__
+from .compat import OrtPatch, patch_onnxruntime, reexported
 from .engine.metrics import LatencyHistogram, SessionStats
 from .errors import (
     BackendUnavailableError,
@@ -35,7 +40,6 @@ __all__ = [
     "BatchInferenceError",
     "DeadlineExceededError",
     "EzrtError",
-    "IOBinding",
     "InferenceError",
     "InferenceSession",
     "InvalidArgumentError",
@@ -43,29 +47,25 @@ __all__ = [
     "LatencyHistogram",
     "ModelMetadata",
     "NodeArg",
-    "OrtValue",
+    "OrtPatch",
     "PacingDropError",
     "PipelineFullError",
     "ProviderOptions",
     "ReentrancyError",
     "RknnProviderOptions",
     "SessionClosedError",
-    "SessionIOBinding",
     "SessionStats",
     "SubmitTimeoutError",
     "__version__",
     "make_provider_options",
+    "patch_onnxruntime",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    """``OrtValue`` and ``IOBinding`` are ONNX Runtime's own; imported on first use."""
-    if name == "OrtValue":
-        from onnxruntime import OrtValue
-
-        return OrtValue
-    if name in ("IOBinding", "SessionIOBinding"):
-        from onnxruntime import IOBinding
-
-        return IOBinding
-    raise AttributeError(f"module 'ezrt' has no attribute {name!r}")
+    """onnxruntime's public names (``OrtValue``, ``IOBinding``, ``SessionOptions``, ...),
+    imported on first use; upstream's alias ``SessionIOBinding`` is ORT's ``IOBinding``."""
+    try:
+        return reexported("IOBinding" if name == "SessionIOBinding" else name)
+    except AttributeError:
+        raise AttributeError(f"module 'ezrt' has no attribute {name!r}") from None

@@ -1,26 +1,32 @@
-"""``InferenceSession``: the ONNX Runtime-shaped facade over io + engine + backend."""
+"""``InferenceSession``: ONNX Runtime's API plus scheduling, over io + engine + backend.
+
+The session is the ORT surface and the call styles ezrt adds; everything else lives in its
+own room: choosing and opening the backend (``backends/select.py``), what is forwarded to
+ONNX Runtime (``compat.py``), feeds and outputs (``io/``), the engine (``engine/``), how an
+outcome reaches the caller (``completion.py``), streams and the pipeline window
+(``streaming.py``) and asyncio admission (``aio.py``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import os
-import threading
 import time
-import warnings
 import weakref
-from collections import deque
 from typing import (
     Any,
     AsyncIterable,
     AsyncIterator,
     Callable,
-    Deque,
+    ClassVar,
     Dict,
     Iterable,
     Iterator,
     List,
     Mapping,
+    NamedTuple,
     Optional,
     Sequence,
     Tuple,
@@ -32,6 +38,9 @@ import numpy as np
 from . import streaming
 from .aio import AsyncAdmission
 from .backends.base import Backend, Request
+from .backends.select import open_backend, rknn_family
+from .compat import ForwardedMethods, ort_session_class
+from .completion import Callback, Outcome, callback_completion, describe_error, future_completion
 from .engine.core import Engine, EngineConfig
 from .engine.metrics import SessionStats
 from .errors import (
@@ -42,135 +51,41 @@ from .errors import (
     PipelineFullError,
     SessionClosedError,
 )
-from .io import FeedParser, ModelMetadata, NodeArg, OutputSelection, concat_batch
-from .options import (
-    DISPATCH_BATCH_KEY,
-    MAX_UNDELIVERED,
-    SessionConfig,
-    as_bool,
-    parse_provider_options,
-    split_provider_options,
-)
+from .io import OutputSelection, concat_batch
+from .options import DISPATCH_BATCH_KEY, MAX_UNDELIVERED, SessionConfig, as_bool
 
-__all__ = ["InferenceSession", "is_rknn_model"]
+__all__ = ["InferenceSession", "describe_error", "is_rknn_model"]
 
-RKNN = "RKNNExecutionProvider"
-_ORT_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
-_RKNN_MAGICS = (b"RKNN", b"CYPTRKNN")
-
-Callback = Callable[[Optional[List[np.ndarray]], Any, str], None]
 Future = concurrent.futures.Future
-# A validated task ready for the engine: payload, output arrangement, monotonic deadline.
-_Prepared = Tuple[Request, OutputSelection, Optional[float]]
 ModelSource = Union[str, bytes, bytearray, memoryview, "os.PathLike[str]"]
 
 
 def is_rknn_model(head: bytes) -> bool:
     """True when the bytes start like an RKNN model container."""
-    return head.startswith(_RKNN_MAGICS)
+    return rknn_family(head) is not None
 
 
-def describe_error(error: BaseException) -> str:
-    """The ``err`` text a callback receives: ezrt's message, or the type and message."""
-    if isinstance(error, EzrtError):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
+class PreparedTask(NamedTuple):
+    """A validated call ready for the engine."""
+
+    request: Request
+    selection: OutputSelection
+    expires_at: Optional[float]  # time.monotonic() by which it must start
 
 
-class _Outcome:
-    """A one-shot slot that a worker fills and one thread waits on (cheapest Python wait)."""
-
-    __slots__ = ("_done", "error", "result")
-
-    def __init__(self) -> None:
-        self._done = threading.Lock()
-        self._done.acquire()
-        self.result: Any = None
-        self.error: Optional[BaseException] = None
-
-    def __call__(self, result: Any, error: Optional[BaseException]) -> None:
-        self.result = result
-        self.error = error
-        self._done.release()
-
-    def wait(self) -> Tuple[Any, Optional[BaseException]]:
-        self._done.acquire()  # interruptible (Ctrl-C); the task itself still completes
-        self._done.release()
-        return self.result, self.error
-
-    def value(self) -> Any:
-        result, error = self.wait()
-        if error is not None:
-            raise error
-        return result
-
-
-def _load_model(path_or_bytes: Any) -> Tuple[Union[str, bytes], bytes]:
-    """The model as ORT takes it (path or bytes) and its first bytes, for the format check."""
-    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-        data = bytes(path_or_bytes)
-        if not data:
-            raise InvalidArgumentError("the model bytes are empty")
-        return data, data[:16]
-    try:
-        path = os.fspath(path_or_bytes)
-    except TypeError:
-        raise InvalidTypeError(
-            "path_or_bytes must be a path (str or os.PathLike) or the model's bytes "
-            f"(got {type(path_or_bytes).__name__})"
-        ) from None
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(16)
-    except OSError as exc:
-        raise InvalidArgumentError(f"Failed to open model file: {path} ({exc.strerror})") from exc
-    return path, head
-
-
-def _normalise_providers(providers: Any) -> List[Tuple[str, Dict[str, Any]]]:
-    if isinstance(providers, str) or not isinstance(providers, Sequence):
-        raise InvalidTypeError(
-            "providers must be a list of provider names or (name, options) pairs "
-            f"(got {type(providers).__name__})"
-        )
-    normalised: List[Tuple[str, Dict[str, Any]]] = []
-    for entry in providers:
-        if isinstance(entry, str):
-            normalised.append((entry, {}))
-        elif (
-            isinstance(entry, tuple)
-            and len(entry) == 2
-            and isinstance(entry[0], str)
-            and isinstance(entry[1], Mapping)
-        ):
-            normalised.append((entry[0], dict(entry[1])))
-        else:
-            raise InvalidTypeError(
-                f"providers entries must be names or (name, dict) pairs (got {entry!r})"
-            )
-    known = (*_ORT_PROVIDERS, RKNN)
-    for name, _ in normalised:
-        if name not in known:
-            raise InvalidArgumentError(
-                f"Unsupported provider: {name} (ezrt supports {', '.join(known)})"
-            )
-    return normalised
-
-
-def _dispatch_batch(run_options: Any) -> bool:
+def _read_run_options(run_options: Any) -> Tuple[bool, Any]:
+    """(batch dispatch asked for, the run options ONNX Runtime receives)."""
     if run_options is None:
-        return False
-    if isinstance(run_options, Mapping):
+        return False, None
+    if isinstance(run_options, Mapping):  # ezrt's form: only the dispatch key
         unknown = [key for key in run_options if key != DISPATCH_BATCH_KEY]
         if unknown:
             raise InvalidArgumentError(
                 f"Unknown run_options key: {unknown[0]!r} (supported: {DISPATCH_BATCH_KEY})"
             )
         if DISPATCH_BATCH_KEY not in run_options:
-            return False
-        return as_bool(DISPATCH_BATCH_KEY, run_options[DISPATCH_BATCH_KEY])
+            return False, None
+        return as_bool(DISPATCH_BATCH_KEY, run_options[DISPATCH_BATCH_KEY]), None
     getter = getattr(run_options, "get_run_config_entry", None)
     if getter is None:
         raise InvalidTypeError(
@@ -180,8 +95,25 @@ def _dispatch_batch(run_options: Any) -> bool:
     try:
         value = getter(DISPATCH_BATCH_KEY)
     except Exception:  # ORT raises when the entry is absent
-        return False
-    return as_bool(DISPATCH_BATCH_KEY, value)
+        return False, run_options
+    # ORT ignores config entries it does not know, so the RunOptions go on as they are.
+    return as_bool(DISPATCH_BATCH_KEY, value), run_options
+
+
+def _expiry(deadline: Any) -> Optional[float]:
+    """The monotonic time a task must start by: ``deadline`` seconds from now."""
+    if deadline is None:
+        return None
+    if isinstance(deadline, bool) or not isinstance(
+        deadline, (int, float, np.integer, np.floating)
+    ):
+        raise InvalidTypeError(f"deadline must be a number of seconds or None (got {deadline!r})")
+    seconds = float(deadline)
+    if math.isnan(seconds) or seconds < 0:
+        raise InvalidArgumentError(f"deadline must be >= 0 seconds or None (got {deadline!r})")
+    if math.isinf(seconds):
+        return None  # never expires
+    return time.monotonic() + seconds
 
 
 def _weak_enqueue(session: InferenceSession) -> Callable[[Any, float], Future[Any]]:
@@ -198,21 +130,24 @@ def _weak_enqueue(session: InferenceSession) -> Callable[[Any, float], Future[An
     return enqueue
 
 
-class InferenceSession:
-    """An inference session with ONNX Runtime's API that runs tasks on a pool of workers.
+class InferenceSession(ForwardedMethods):
+    """ONNX Runtime's ``InferenceSession`` that runs tasks on a pool of workers.
 
     ``path_or_bytes`` is a model path or the model's bytes: ONNX, or RKNN (recognised by
-    its bytes). ``providers`` takes ORT's names (``CPUExecutionProvider``,
-    ``CUDAExecutionProvider``) or ``RKNNExecutionProvider``; by default the model decides.
-    ``provider_options`` is a dict of ezrt options (see :class:`ezrt.ProviderOptions`) or
-    ORT's list of dicts (ezrt's options in the first). ``use_weight_from`` shares another
-    session's weights. Unknown keyword arguments are a ``TypeError``.
+    its bytes). On ONNX models ``sess_options``, ``providers``, ``provider_options`` (ORT's
+    list form) and ORT's keyword arguments reach ONNX Runtime exactly as given; ezrt's own
+    options come as a dict: ``provider_options=ezrt.make_provider_options(...)`` (see
+    :mod:`ezrt.compat` for the rule, and the README). ``use_weight_from`` shares another
+    session's weights. Any other keyword argument is a ``TypeError``.
 
     Threads: ``threads_per_core`` workers per distinct core of ``schedule`` run the tasks
     (named ``ezrt-worker-<i>-core<c>``); ``run_async`` callbacks run on one thread named
     ``ezrt-callback``. ``close()`` (or leaving a ``with`` block) delivers everything
     accepted and joins them all.
     """
+
+    #: ezrt options for calls that give none (set by :func:`ezrt.patch_onnxruntime`).
+    default_options: ClassVar[Optional[Mapping[str, Any]]] = None
 
     def __init__(
         self,
@@ -222,6 +157,7 @@ class InferenceSession:
         provider_options: Optional[Union[Mapping[str, Any], Sequence[Mapping[str, Any]]]] = None,
         *,
         use_weight_from: Optional[InferenceSession] = None,
+        **kwargs: Any,
     ) -> None:
         self._engine: Optional[Engine] = None
         if use_weight_from is not None and not isinstance(use_weight_from, InferenceSession):
@@ -229,149 +165,112 @@ class InferenceSession:
                 "use_weight_from must be an InferenceSession or None "
                 f"(got {type(use_weight_from).__name__})"
             )
-        option_dicts = split_provider_options(provider_options)
-        chosen = None if providers is None else _normalise_providers(providers)
-        device = self._pick_provider(chosen)
-        config, foreign = parse_provider_options(
-            option_dicts[0] if option_dicts else None,
-            allow_foreign_keys=device == "CUDAExecutionProvider",
-        )
-        if use_weight_from is not None and config.wants_custom_ops:
-            raise InvalidArgumentError("use_weight_from cannot be combined with custom-op loading")
-        model, head = _load_model(path_or_bytes)
-        if device is None:
-            device = RKNN if is_rknn_model(head) else "CPUExecutionProvider"
-        self._config = config
         self._master = use_weight_from  # keeps the master alive while this session lives
-        self._backend = self._open_backend(model, device, config, sess_options, chosen, foreign)
+        self._backend: Backend = open_backend(
+            path_or_bytes,
+            sess_options,
+            providers,
+            provider_options,
+            kwargs,
+            defaults=type(self).default_options,
+            share_with=use_weight_from._backend if use_weight_from is not None else None,
+        )
+        self._config: SessionConfig = self._backend.config
         try:
-            self._parser = FeedParser(
-                self._backend.inputs,
-                self._backend.outputs,
-                getattr(self._backend, "feed_layout", config.layout),
-                getattr(self._backend, "check_shapes", None),
-            )
-            engine_config = EngineConfig(
-                schedule=config.schedule if config.schedule is not None else (None,),
-                threads_per_core=config.threads_per_core,
-                max_queue_size=config.max_queue_size,
-                max_undelivered=MAX_UNDELIVERED,
-                sequential=config.sequential_callbacks,
-                pacing=config.enable_pacing,
-                dispatch_policy=config.dispatch_policy,
-                submit_timeout_s=config.submit_timeout_ms / 1000.0,
-            )
-            self._engine = Engine(engine_config, self._backend.make_worker, self._backend.close)
+            self._start()
         except BaseException:
             self._backend.close()
             raise
         self._admission = AsyncAdmission(_weak_enqueue(self))
-        self._pipeline_lock = threading.Lock()  # serialises run_pipeline's window
-        self._pipeline: Deque[_Outcome] = deque()
-        self._pipeline_depth: Optional[int] = None
+        self._window = streaming.PipelineWindow()
 
-    # ------------------------------------------------------------------ construction
-
-    @staticmethod
-    def _pick_provider(chosen: Optional[List[Tuple[str, Dict[str, Any]]]]) -> Optional[str]:
-        """The provider this session will use (None: decided by the model's bytes)."""
-        if chosen is None or not chosen:
-            return None
-        names = [name for name, _ in chosen]
-        if RKNN in names:
-            return RKNN
-        if "CUDAExecutionProvider" in names:
-            from .backends.onnxruntime import available_providers
-
-            if "CUDAExecutionProvider" in available_providers():
-                return "CUDAExecutionProvider"
-            warnings.warn(
-                "CUDAExecutionProvider is not available in this onnxruntime build "
-                f"(available: {', '.join(available_providers())}); using CPUExecutionProvider",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return "CPUExecutionProvider"
-
-    def _open_backend(
-        self,
-        model: Union[str, bytes],
-        device: str,
-        config: SessionConfig,
-        sess_options: Any,
-        chosen: Optional[List[Tuple[str, Dict[str, Any]]]],
-        foreign: Dict[str, Any],
-    ) -> Backend:
-        master_backend = self._master._backend if self._master is not None else None
-        if device == RKNN:
-            from .backends.rknn.backend import RknnBackend
-
-            if master_backend is not None and not isinstance(master_backend, RknnBackend):
-                raise InvalidArgumentError(
-                    "use_weight_from must be a session on the same backend as this one"
-                )
-            if isinstance(model, str):
-                with open(model, "rb") as handle:
-                    model = handle.read()
-            return RknnBackend(model, config, share_with=master_backend)
-        from .backends.onnxruntime import OrtBackend
-
-        ep_options = dict(foreign)
-        for name, options in chosen or ():
-            if name == device:
-                ep_options.update(options)
-        share_with = None
-        if master_backend is not None:
-            if not isinstance(master_backend, OrtBackend):
-                raise InvalidArgumentError(
-                    "use_weight_from must be a session on the same backend as this one"
-                )
-            share_with = master_backend
-        return OrtBackend(
-            model,
-            config,
-            device=device,
-            sess_options=sess_options,
-            ep_options=ep_options,
-            share_with=share_with,
+    def _start(self) -> None:
+        """The feed parsers and the engine, for the backend as it now is."""
+        backend, config = self._backend, self._config
+        self._feed = backend.make_feed()
+        self._batch_feed = backend.batch_feed()
+        engine_config = EngineConfig(
+            schedule=config.schedule if config.schedule is not None else (None,),
+            threads_per_core=config.threads_per_core,
+            max_queue_size=config.max_queue_size,
+            max_undelivered=MAX_UNDELIVERED,
+            sequential=config.sequential_callbacks,
+            pacing=config.enable_pacing,
+            dispatch_policy=config.dispatch_policy,
+            submit_timeout_s=config.submit_timeout_ms / 1000.0,
         )
+        self._engine = Engine(engine_config, backend.make_worker, backend.close)
 
     # ------------------------------------------------------------------ introspection
 
-    def get_inputs(self) -> List[NodeArg]:
-        """The model's inputs, with the shapes the caller feeds (after ``layout``)."""
-        return self._parser.input_args()
+    def get_inputs(self) -> List[Any]:
+        """The model's inputs (ONNX Runtime's own ``NodeArg``s on that backend), with the
+        shapes the caller feeds (after ``layout``)."""
+        return self._backend.input_args(self._feed.user_shapes)
 
-    def get_outputs(self) -> List[NodeArg]:
+    def get_outputs(self) -> List[Any]:
         """The model's outputs (RKNN: type ``tensor(float)`` unless ``output_dtype="native"``)."""
-        return self._parser.output_args()
+        return self._backend.output_args()
 
-    def get_modelmeta(self) -> ModelMetadata:
-        """The model's metadata (RKNN: ``rknn_custom_string`` in ``custom_metadata_map``)."""
+    def get_native_inputs(self) -> List[Any]:
+        """The inputs as the runtime holds them (on ONNX Runtime: as :meth:`get_inputs`)."""
+        return self._backend.native_inputs()
+
+    def get_native_outputs(self) -> List[Any]:
+        """The outputs as the runtime holds them (on ONNX Runtime: as :meth:`get_outputs`)."""
+        return self._backend.native_outputs()
+
+    def get_modelmeta(self) -> Any:
+        """The model's metadata (ONNX Runtime's own object on that backend; RKNN:
+        ``rknn_custom_string`` in ``custom_metadata_map``)."""
         return self._backend.metadata()
 
     @property
     def input_names(self) -> List[str]:
         """Input names in model order (a new list each time)."""
-        return list(self._parser.input_names)
+        return list(self._feed.input_names)
 
     @property
     def output_names(self) -> List[str]:
         """Output names in model order (a new list each time)."""
-        return list(self._parser.output_names)
+        return list(self._feed.outputs.names)
 
     def get_providers(self) -> List[str]:
-        """The execution provider in use, as ONNX Runtime names it."""
+        """The execution providers in use, as ONNX Runtime names them."""
         return self._backend.providers()
 
     def get_provider_options(self) -> Dict[str, Dict[str, Any]]:
-        """The provider's own options (ezrt's are in :attr:`config`)."""
+        """The providers' own options (ezrt's are in :attr:`config`)."""
         return self._backend.provider_options()
 
     @property
     def config(self) -> SessionConfig:
-        """The validated provider options in effect."""
+        """The validated ezrt options in effect."""
         return self._config
+
+    def set_providers(self, providers: Any = None, provider_options: Any = None) -> None:
+        """ONNX Runtime's ``set_providers``: change the execution providers. The workers
+        finish what was accepted, then restart on the new providers."""
+        engine = self._live_engine()
+        engine.assert_may_block("set_providers")
+        engine.close()
+        self._backend.set_providers(providers, provider_options)
+        self._start()
+
+    def _ort_session(self, what: str) -> Any:
+        session = self._backend.ort_session
+        if session is None:
+            raise self._backend.unavailable(what)
+        return session
+
+    def __getattr__(self, name: str) -> Any:
+        # A public name of a newer onnxruntime that ezrt does not list: ORT's own, forwarded.
+        backend = self.__dict__.get("_backend")
+        if name.startswith("_") or backend is None or backend.ort_session is None:
+            raise AttributeError(f"'InferenceSession' object has no attribute {name!r}")
+        if not hasattr(ort_session_class(), name):
+            raise AttributeError(f"'InferenceSession' object has no attribute {name!r}")
+        return getattr(backend.ort_session, name)
 
     # ------------------------------------------------------------------ running
 
@@ -391,25 +290,30 @@ class InferenceSession:
         spread over the workers, and the outputs are joined along axis 0.
         """
         engine = self._live_engine()
-        batch = _dispatch_batch(run_options)
-        selection = self._parser.select_outputs(output_names)
+        batch, ort_options = _read_run_options(run_options)
         if batch:
-            return self._run_batch(engine, selection, input_feed)
-        arrays = self._parser.parse(input_feed, copy=False)  # run() returns after the task
+            return self._run_batch(engine, output_names, input_feed, ort_options)
+        inputs = self._feed.parse(input_feed, copy=False)  # run() returns after the task
+        selection = self._feed.select(output_names, inputs)
         engine.assert_may_block("run")
-        outcome = _Outcome()
-        engine.submit(Request(arrays, selection.fetch), outcome, delivered=False, what="run")
+        outcome = Outcome()
+        request = Request(inputs, selection.fetch, ort_options)
+        engine.submit(request, outcome, delivered=False, what="run")
         return selection.arrange(outcome.value())
 
     def _run_batch(
-        self, engine: Engine, selection: OutputSelection, input_feed: Any
+        self, engine: Engine, output_names: Any, input_feed: Any, ort_options: Any
     ) -> List[np.ndarray]:
-        samples, batch_size = self._parser.parse_batch(input_feed)
+        feed = self._batch_feed
+        samples, batch_size = feed.parse_batch(input_feed)
+        selection = feed.select(output_names, None)
         engine.assert_may_block("run")
         outcomes = []
         for sample in samples:
-            outcome = _Outcome()
-            engine.submit(Request(sample, selection.fetch), outcome, delivered=False, what="run")
+            outcome = Outcome()
+            inputs = self._backend.request_inputs(sample)
+            request = Request(inputs, selection.fetch, ort_options)
+            engine.submit(request, outcome, delivered=False, what="run")
             outcomes.append(outcome)
         results = []
         errors: Dict[int, str] = {}
@@ -442,19 +346,9 @@ class InferenceSession:
         """
         if not callable(callback):
             raise InvalidTypeError(f"callback must be callable (got {type(callback).__name__})")
-        request, selection, _ = self._prepare(
-            output_names, input_feed, run_options, None, "run_async"
-        )
-
-        arrange = None if selection.picks is None else selection.arrange
-
-        def deliver(result: Any, error: Optional[BaseException]) -> None:
-            if error is None:
-                callback(result if arrange is None else arrange(result), user_data, "")
-            else:
-                callback(None, user_data, describe_error(error))
-
-        self._live_engine().submit(request, deliver, delivered=True, what="run_async")
+        prepared = self._prepare(output_names, input_feed, run_options, None, "run_async")
+        deliver = callback_completion(callback, user_data, prepared.selection)
+        self._live_engine().submit(prepared.request, deliver, delivered=True, what="run_async")
 
     def run_pipeline(
         self, input_feed: Any, depth: int = 3, reset: bool = False
@@ -470,19 +364,15 @@ class InferenceSession:
         if depth <= 0:
             raise InvalidArgumentError(f"pipeline depth must be > 0 (got {depth})")
         engine = self._live_engine()
-        arrays = self._parser.parse(input_feed, copy=True)
+        inputs = self._feed.parse(input_feed, copy=True)
         engine.assert_may_block("run_pipeline")
-        with self._pipeline_lock:
-            if reset or depth != self._pipeline_depth:
-                self._pipeline.clear()
-                self._pipeline_depth = int(depth)
-            outcome = _Outcome()
-            engine.submit(Request(arrays, None), outcome, delivered=False, what="run_pipeline")
-            self._pipeline.append(outcome)
-            if len(self._pipeline) <= depth:
-                return None
-            oldest = self._pipeline.popleft()
-        return oldest.value()  # type: ignore[no-any-return]
+        window = self._window
+        with window.lock:
+            window.resize(int(depth), reset)
+            outcome = Outcome()
+            engine.submit(Request(inputs, None), outcome, delivered=False, what="run_pipeline")
+            oldest = window.push(outcome)
+        return None if oldest is None else oldest.value()
 
     def flush_pipeline(self, return_exceptions: bool = False) -> List[Any]:
         """Wait for every frame still in the ``run_pipeline`` window; return their results.
@@ -491,9 +381,7 @@ class InferenceSession:
         its error once all are collected, or appears as the exception object when
         ``return_exceptions``.
         """
-        with self._pipeline_lock:
-            pending = list(self._pipeline)
-            self._pipeline.clear()
+        pending = self._window.drain()
         if pending:
             self._live_engine().assert_may_block("flush_pipeline")
         results: List[Any] = []
@@ -512,49 +400,41 @@ class InferenceSession:
     # ------------------------------------------------------------------ futures, asyncio, streams
 
     def _prepare(
-        self, output_names: Any, input_feed: Any, run_options: Any, deadline: Any, what: str
-    ) -> _Prepared:
-        """Validate and copy on the caller's thread; the deadline clock starts here."""
-        if run_options is not None and _dispatch_batch(run_options):
+        self,
+        output_names: Any,
+        input_feed: Any,
+        run_options: Any,
+        deadline: Any,
+        what: str,
+        *,
+        copy: bool = True,
+    ) -> PreparedTask:
+        """Validate (and copy, unless the call borrows its inputs) on the caller's thread;
+        the deadline clock starts here."""
+        batch, ort_options = _read_run_options(run_options)
+        if batch:
             raise InvalidArgumentError(
                 f"{what} does not support {DISPATCH_BATCH_KEY}=True; use run() for batches"
             )
-        expires_at = None
-        if deadline is not None:
-            if isinstance(deadline, bool) or not isinstance(deadline, (int, float)):
-                raise InvalidTypeError(
-                    f"deadline must be a number of seconds or None (got {deadline!r})"
-                )
-            expires_at = time.monotonic() + float(deadline)
-        selection = self._parser.select_outputs(output_names)
-        arrays = self._parser.parse(input_feed, copy=True)
-        return Request(arrays, selection.fetch), selection, expires_at
+        expires_at = _expiry(deadline)
+        inputs = self._feed.parse(input_feed, copy=copy)
+        selection = self._feed.select(output_names, inputs)
+        return PreparedTask(Request(inputs, selection.fetch, ort_options), selection, expires_at)
 
     def _enqueue(
-        self, prepared: _Prepared, *, wait: bool, what: str, timeout: Optional[float] = None
+        self, prepared: PreparedTask, *, wait: bool, what: str, timeout: Optional[float] = None
     ) -> Future[List[Any]]:
-        request, selection, expires_at = prepared
         engine = self._live_engine()
         future: Future[List[Any]] = Future()
-
-        def settle(result: Any, error: Optional[BaseException]) -> None:
-            try:
-                if error is None:
-                    future.set_result(selection.arrange(result))
-                else:
-                    future.set_exception(error)
-            except concurrent.futures.InvalidStateError:
-                pass  # cancelled by its owner meanwhile: nobody wants the outcome
-
         task = engine.submit(
-            request,
-            settle,
+            prepared.request,
+            future_completion(future, prepared.selection),
             delivered=False,
             what=what,
             wait=wait,
             timeout=timeout,
             on_start=future.set_running_or_notify_cancel,
-            expires_at=expires_at,
+            expires_at=prepared.expires_at,
         )
         future.add_done_callback(lambda done: done.cancelled() and engine.cancel(task))
         return future
@@ -572,9 +452,10 @@ class InferenceSession:
         The future holds the output list, or the task's error as its exception. It is
         resolved on the worker thread that ran the task (so are its done-callbacks).
         ``future.cancel()`` succeeds while the task is still queued: it never runs and its
-        slot frees at once. ``deadline`` is in seconds from this call: a task that has not
-        started by then completes with :class:`ezrt.DeadlineExceededError`, promptly, even if
-        no worker frees. Blocks while the pipeline is full, like ``run_async``.
+        slot frees at once. ``deadline`` is in seconds from this call (``math.inf``: none):
+        a task that has not started by then completes with
+        :class:`ezrt.DeadlineExceededError`, promptly, even if no worker frees. Inputs are
+        copied. Blocks while the pipeline is full, like ``run_async``.
         """
         prepared = self._prepare(output_names, input_feed, run_options, deadline, "submit")
         return self._enqueue(prepared, wait=True, what="submit")
@@ -583,9 +464,14 @@ class InferenceSession:
         self, output_names: Any, input_feed: Any, run_options: Any, deadline: Any
     ) -> asyncio.Future[List[Any]]:
         """Admit without blocking the event loop: at once when there is room, else through
-        the session's admission thread (FIFO). Returns an asyncio future of the outputs."""
+        the session's admission thread (FIFO). Returns an asyncio future of the outputs.
+
+        The inputs are borrowed, not copied (the call has not returned until its result
+        is there): the event loop does O(1) work per call whatever the input size."""
         loop = asyncio.get_running_loop()
-        prepared = self._prepare(output_names, input_feed, run_options, deadline, "arun")
+        prepared = self._prepare(
+            output_names, input_feed, run_options, deadline, "arun", copy=False
+        )
         try:
             future = self._enqueue(prepared, wait=False, what="arun")
         except PipelineFullError:
@@ -603,9 +489,11 @@ class InferenceSession:
     ) -> List[np.ndarray]:
         """``await`` one inference from asyncio without ever blocking the event loop.
 
-        Under back-pressure the admission wait runs on an executor thread. Cancelling the
-        awaiting task cancels the inference if it has not started. ``deadline`` as in
-        :meth:`submit`.
+        Like :meth:`run`, it borrows the input arrays until it returns: do not modify them
+        while the ``await`` is pending (the loop thread copies nothing, so 1000 gathered
+        calls cost it no more than 1000 small ones). Under back-pressure the admission wait
+        runs on the session's admission thread. Cancelling the awaiting task cancels the
+        inference if it has not started. ``deadline`` as in :meth:`submit`.
         """
         return await (await self._asubmit(output_names, input_feed, run_options, deadline))
 
@@ -627,7 +515,8 @@ class InferenceSession:
         enough to keep every worker busy), so memory stays bounded however long ``feeds``
         is. Results come in input order when ``ordered``, else as they complete. A failed
         item raises its error when reached, or is yielded as the exception object with
-        ``return_exceptions``. Leaving the loop early cancels what is still queued.
+        ``return_exceptions``. Leaving the loop early cancels what is still queued. Each
+        feed is copied when submitted, so the iterable may reuse its buffers.
         """
         window = streaming.check_window(max_in_flight, self._default_window())
         return streaming.imap(
@@ -648,7 +537,9 @@ class InferenceSession:
         return_exceptions: bool = False,
     ) -> AsyncIterator[Any]:
         """The asyncio counterpart of :meth:`imap` (``async for out in session.aimap(...)``);
-        ``feeds`` may be an async or a plain iterable. The event loop is never blocked."""
+        ``feeds`` may be an async or a plain iterable. The event loop is never blocked.
+        As with :meth:`arun`, a feed's arrays are borrowed, not copied, until its result
+        has been yielded: an iterable that reuses one buffer must yield copies."""
         window = streaming.check_window(max_in_flight, self._default_window())
         return streaming.aimap(
             lambda feed: self._asubmit(output_names, feed, None, None),
@@ -661,20 +552,24 @@ class InferenceSession:
     # ------------------------------------------------------------------ zero copy
 
     def io_binding(self) -> Any:
-        """An ``onnxruntime.IOBinding`` on this session's model (ONNX Runtime backend)."""
-        backend = self._backend
-        if not hasattr(backend, "io_binding"):
-            raise EzrtError("io_binding is not available on this backend")
-        return backend.io_binding()
+        """A binding of inputs and outputs for :meth:`run_with_iobinding` (ONNX Runtime's
+        own ``IOBinding`` on that backend)."""
+        return self._backend.io_binding(self)
 
     def run_with_iobinding(self, iobinding: Any, run_options: Any = None) -> None:
-        """Run synchronously on the calling thread with bound inputs and outputs."""
-        backend = self._backend
-        if not hasattr(backend, "run_with_iobinding"):
-            raise EzrtError("run_with_iobinding is not available on this backend")
-        if self._live_engine().closed:
-            raise EzrtError("run_with_iobinding rejected: the session is closed")
-        backend.run_with_iobinding(iobinding, run_options)
+        """Run with bound inputs and outputs (zero copy); returns when the run is done."""
+        engine = self._live_engine()
+        if engine.closed:
+            raise SessionClosedError("run_with_iobinding rejected: the session is closed")
+        _, ort_options = _read_run_options(run_options)
+        payload = self._backend.bound_payload(iobinding, ort_options)
+        if payload is None:
+            self._backend.run_bound(iobinding, ort_options)
+            return
+        engine.assert_may_block("run_with_iobinding")
+        outcome = Outcome()
+        engine.submit(payload, outcome, delivered=False, what="run_with_iobinding")
+        outcome.value()
 
     # ------------------------------------------------------------------ lifetime
 
@@ -713,7 +608,7 @@ class InferenceSession:
     def __del__(self) -> None:
         # Never block in a finaliser (it may run on any thread, even ezrt's own): stop
         # accepting work and let the threads drain and exit by themselves.
-        engine = getattr(self, "_engine", None)
+        engine = self.__dict__.get("_engine")
         if engine is not None and not engine.closed:
             engine.close(wait=False)
 

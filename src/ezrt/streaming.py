@@ -1,4 +1,5 @@
-"""Streams of feeds through a session: ``imap`` (threads) and ``aimap`` (asyncio).
+"""Streams of feeds through a session: ``imap`` (threads), ``aimap`` (asyncio), and the
+``run_pipeline`` window.
 
 Both keep at most ``window`` tasks in flight (bounded memory whatever the input's length),
 submit the next feed as soon as one result is taken, and yield results in input order
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from collections import deque
 from typing import (
     Any,
@@ -20,13 +22,15 @@ from typing import (
     Deque,
     Iterable,
     Iterator,
+    List,
+    Optional,
     Set,
     Union,
 )
 
 from .errors import InvalidArgumentError, InvalidTypeError
 
-__all__ = ["aimap", "check_window", "imap"]
+__all__ = ["PipelineWindow", "aimap", "check_window", "imap"]
 
 Future = concurrent.futures.Future
 
@@ -137,3 +141,37 @@ async def aimap(
     finally:
         for future in pending:
             future.cancel()
+
+
+class PipelineWindow:
+    """``run_pipeline``'s window: the last ``depth`` frames' pending outcomes, in order.
+
+    ``lock`` serialises a call's check-submit-append so that frames keep their order
+    (the caller submits while holding it, and waits for the oldest after releasing it).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._pending: Deque[Any] = deque()
+        self._depth: Optional[int] = None
+
+    def resize(self, depth: int, reset: bool) -> None:
+        """A new ``depth`` or ``reset`` starts a new window (``lock`` held)."""
+        if reset or depth != self._depth:
+            self._pending.clear()
+            self._depth = depth
+
+    def push(self, outcome: Any) -> Optional[Any]:
+        """Add the newest frame's outcome; the oldest once the window is full (``lock``
+        held), else None."""
+        self._pending.append(outcome)
+        if self._depth is not None and len(self._pending) > self._depth:
+            return self._pending.popleft()
+        return None
+
+    def drain(self) -> List[Any]:
+        """Every pending outcome, oldest first; the window is left empty."""
+        with self.lock:
+            pending = list(self._pending)
+            self._pending.clear()
+        return pending

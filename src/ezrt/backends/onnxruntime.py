@@ -1,16 +1,21 @@
 """The ONNX Runtime backend: CPU everywhere, CUDA where the installed onnxruntime has it.
 
-Topology, from the session config:
+The session that holds the weights (``master``) is a real ``onnxruntime.InferenceSession``
+built from the caller's own arguments (``sess_options``, ``providers``,
+``provider_options``, ORT's keyword arguments), so ORT decides everything it decides for
+a plain session: provider names, warnings, options, errors. ezrt changes only the threading
+its topology needs:
 
 * ``schedule`` (data parallel). CPU: an entry is a CPU id; each worker pins its thread to
-  its CPU (Linux ``sched_setaffinity``; elsewhere workers are not pinned) and runs with one
-  intra-op thread, so N workers use N CPUs. CUDA: an entry is a GPU device id.
+  its CPU (Linux ``sched_setaffinity``; elsewhere workers are not pinned) and the session
+  runs with one intra-op thread, so N workers use N CPUs. CUDA: an entry is a GPU device
+  id, with a session per device.
 * ``tp_mode`` (CPU only): one route whose workers use the mask's CPUs as ORT intra-op
   threads (``all`` = every CPU this process may use, ``auto`` = ORT's default).
 * neither: ORT's own threading, exactly as a plain ``onnxruntime.InferenceSession``.
 
-By default the workers of a device share one ORT session (weights loaded once; ORT's
-``run`` is thread-safe). ``disable_dup_context`` gives each worker a session of its own.
+The workers of a device share one ORT session (weights loaded once; ORT's ``run`` is
+thread-safe). ``disable_dup_context`` gives each worker a session of its own.
 """
 
 from __future__ import annotations
@@ -19,14 +24,15 @@ import functools
 import hashlib
 import os
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
-from ..errors import BackendUnavailableError, InferenceError, InvalidArgumentError
-from ..io import ONNX_TO_NUMPY, ModelMetadata, TensorSpec
+from ..compat import OrtArguments, ort, ort_error, ort_session_class
+from ..errors import BackendUnavailableError, InvalidArgumentError
+from ..io import ONNX_TO_NUMPY, OrtFeed, TensorSpec
 from ..options import TP_MODE_MASKS, SessionConfig
-from .base import Request
+from .base import Backend, Request
 
-__all__ = ["CPU", "CUDA", "OrtBackend", "allowed_cpus", "available_providers"]
+__all__ = ["CPU", "CUDA", "OrtBackend", "OrtWorker", "allowed_cpus", "available_providers"]
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -41,10 +47,9 @@ def allowed_cpus() -> List[int]:
     return list(range(os.cpu_count() or 1))
 
 
-def _ort() -> Any:
-    import onnxruntime
-
-    return onnxruntime
+def available_providers() -> List[str]:
+    """The execution providers this onnxruntime build has."""
+    return list(ort().get_available_providers())
 
 
 def _spec(arg: Any) -> TensorSpec:
@@ -61,16 +66,15 @@ class OrtWorker:
     """Runs requests on one ORT session (shared or its own), on one thread.
 
     On CPU it calls the session's C++ binding directly: ORT's Python ``run`` adds a check
-    that every input is fed (ezrt's feed parser has already made sure) and a retry on CPU
+    that every input is fed (ezrt's feed parser has already made it) and a retry on CPU
     after a GPU provider failure (meaningless on CPU), about 1.5 us of Python per call on
     the worker, which is the pipeline's critical path for small models.
     """
 
-    __slots__ = ("_input_names", "_outputs", "_run", "_session")
+    __slots__ = ("_outputs", "_run", "_session")
 
-    def __init__(self, session: Any, input_names: Sequence[str], *, direct: bool) -> None:
+    def __init__(self, session: Any, *, direct: bool) -> None:
         self._session = session
-        self._input_names = tuple(input_names)
         self._outputs = [output.name for output in session.get_outputs()]
         binding = getattr(session, "_sess", None) if direct else None
         self._run = getattr(binding, "run", None) or session.run
@@ -78,75 +82,74 @@ class OrtWorker:
     def run(self, request: Request) -> List[Any]:
         try:
             return self._run(  # type: ignore[no-any-return]
-                request.fetch or self._outputs,
-                dict(zip(self._input_names, request.inputs)),
-                None,
+                request.fetch or self._outputs, request.inputs, request.run_options
             )
         except Exception as exc:
-            raise InferenceError(f"onnxruntime run failed: {exc}") from exc
+            _reraise(exc)
 
     def close(self) -> None:
         self._session = None
         self._run = None
 
 
-class OrtBackend:
+class OrtBackend(Backend):
     """One model on ONNX Runtime, with the sessions its workers need."""
 
     def __init__(
         self,
         model: Union[str, bytes],
+        arguments: OrtArguments,
         config: SessionConfig,
         *,
-        device: str = CPU,
-        sess_options: Any = None,
-        ep_options: Optional[Dict[str, Any]] = None,
         share_with: Optional[OrtBackend] = None,
     ) -> None:
-        self._ort = _ort()
         self.model = model
         self.config = config
-        self.device = device
-        self._user_options = sess_options
-        self._ep_options = dict(ep_options or {})
-        self._lock = threading.Lock()  # guards _options_in_use (sessions built from workers)
+        self._arguments = arguments
+        self._lock = threading.Lock()  # guards the borrowed SessionOptions while building
         self._check_config()
-        self._custom_ops = self._check_custom_ops()
-        # Per worker: which CPUs to pin to (None = leave as is).
         self._pins: Dict[Optional[int], Optional[List[int]]] = {}
         self._intra, self._affinities = self._plan_threads()
-        self._sessions: Dict[Optional[int], Any] = {}
         self._spare: List[Any] = []
-        self.master: Any  # the ORT session used for metadata (and shared by default)
+        self.master: Any  # the ORT session that holds the weights
         if share_with is not None:
-            if share_with.model_digest != self.model_digest or share_with.device != device:
-                raise InvalidArgumentError(
-                    "use_weight_from on the ONNX Runtime backend shares the master's loaded "
-                    "model, so both sessions must open the same model on the same provider "
-                    f"(master: {share_with.device}, sha256 {share_with.model_digest[:12]}; "
-                    f"this one: {device}, sha256 {self.model_digest[:12]})"
-                )
-            self._sessions = dict.fromkeys(self.config.routes, share_with.master)
-            self.master = share_with.master
-            self._shared = True
+            self._share(share_with)
         else:
-            self._shared = not config.disable_dup_context
-            if self._shared:
-                for route in self.config.routes:
-                    self._sessions[route] = self._new_session(route)
-                self.master = self._sessions[self.config.routes[0]]
-            else:
-                # The first worker of the first route adopts this one; the others build theirs.
-                self.master = self._new_session(self.config.routes[0])
-                self._spare.append(self.master)
+            self.master = self._new_session(None)
+            self.device = CUDA if CUDA in self.master.get_providers() else CPU
+            self._check_device()
+            self._sessions = self._route_sessions()
         self.inputs = [_spec(arg) for arg in self.master.get_inputs()]
         self.outputs = [_spec(arg) for arg in self.master.get_outputs()]
+
+    def _share(self, master: OrtBackend) -> None:
+        """``use_weight_from``: run on the master's sessions (same model, same provider)."""
+        if master.model_digest != self.model_digest:
+            raise InvalidArgumentError(
+                "use_weight_from on the ONNX Runtime backend shares the master's loaded "
+                "model, so both sessions must open the same model on the same provider "
+                f"(master: {master.device}, sha256 {master.model_digest[:12]}; "
+                f"this one: sha256 {self.model_digest[:12]})"
+            )
+        self.master, self.device = master.master, master.device
+        self._sessions = {route: master.master for route in self.config.routes}
+        if master.device == CUDA:
+            self._sessions = dict(master._sessions)
+        self._shared = True
 
     @functools.cached_property
     def model_digest(self) -> str:
         """sha256 of the model bytes: weight sharing needs the same model."""
         data = self.model if isinstance(self.model, bytes) else _read(self.model)
         return hashlib.sha256(data).hexdigest()
+
+    @property
+    def name(self) -> str:
+        return "ONNX Runtime"
+
+    @property
+    def ort_session(self) -> Any:
+        return self.master
 
     # ------------------------------------------------------------------ configuration
 
@@ -168,6 +171,12 @@ class OrtBackend:
                 "runtime's directory; the ONNX Runtime backend has no such directory: "
                 "pass the library files in custom_op_paths"
             )
+        for path in config.custom_op_paths:
+            if not os.path.isfile(path):
+                raise InvalidArgumentError(f"custom_op_paths: library not found: {path!r}")
+
+    def _check_device(self) -> None:
+        config = self.config
         if self.device == CUDA:
             if config.tp_mode is not None:
                 raise InvalidArgumentError(
@@ -183,17 +192,13 @@ class OrtBackend:
                     f"(allowed CPUs: {_ranges(cpus)})"
                 )
 
-    def _check_custom_ops(self) -> Tuple[str, ...]:
-        for path in self.config.custom_op_paths:
-            if not os.path.isfile(path):
-                raise InvalidArgumentError(f"custom_op_paths: library not found: {path!r}")
-        return self.config.custom_op_paths
-
     def _plan_threads(self) -> Tuple[Optional[int], Optional[str]]:
-        """Intra-op threads and pool-thread affinities for this topology; set worker pins."""
+        """Intra-op threads and pool-thread affinities for CPU sessions; set worker pins.
+
+        (Thread settings do not matter to a CUDA session's compute, so the same plan
+        serves both; a CUDA topology is recognised once the session says CUDA is used.)
+        """
         config = self.config
-        if self.device == CUDA:
-            return None, None
         if config.schedule is not None:
             for core in set(config.schedule):
                 self._pins[core] = [core] if _CAN_PIN else None
@@ -219,13 +224,13 @@ class OrtBackend:
         return len(cores), affinities or None
 
     def _session_options(self) -> Any:
-        """The user's SessionOptions (borrowed), or a fresh one."""
-        options = self._user_options
+        """The caller's SessionOptions (borrowed while a session is built), or a fresh one."""
+        options = self._arguments.sess_options
         if options is None:
-            options = self._ort.SessionOptions()
+            options = ort().SessionOptions()
         if self._affinities is not None:
             _set_config_entry(options, "session.intra_op_thread_affinities", self._affinities)
-        for path in self._custom_ops:
+        for path in self.config.custom_op_paths:
             try:
                 options.register_custom_ops_library(path)
             except Exception as exc:
@@ -235,66 +240,103 @@ class OrtBackend:
                 ) from exc
         return options
 
-    def _new_session(self, route: Optional[int]) -> Any:
-        ort = self._ort
-        if self.device == CUDA:
-            device_id = route if route is not None else int(self._ep_options.get("device_id", 0))
-            providers: List[Any] = [(CUDA, {**self._ep_options, "device_id": device_id}), CPU]
-        else:
-            providers = [CPU]
+    def _new_session(self, device_id: Optional[int]) -> Any:
+        """An ORT session from the caller's arguments; ``device_id`` moves CUDA to a GPU."""
+        arguments = self._arguments
+        providers, provider_options = arguments.providers, arguments.provider_options
+        if device_id is not None:
+            providers, provider_options = _on_device(providers, provider_options, device_id)
+        needs_options = (
+            self._intra is not None or self._affinities is not None or self.config.custom_op_paths
+        )
         with self._lock:
-            options = self._session_options()
-            saved = (options.intra_op_num_threads, options.inter_op_num_threads)
+            options = self._session_options() if needs_options else arguments.sess_options
+            saved = None
+            if self._intra is not None:
+                saved = (options.intra_op_num_threads, options.inter_op_num_threads)
+                options.intra_op_num_threads = self._intra
+                options.inter_op_num_threads = 1
             try:
-                if self._intra is not None:
-                    options.intra_op_num_threads = self._intra
-                    options.inter_op_num_threads = 1
-                session = ort.InferenceSession(
-                    self.model, sess_options=options, providers=providers
+                return ort_session_class()(
+                    self.model, options, providers, provider_options, **arguments.kwargs
                 )
-            except InvalidArgumentError:
-                raise
             except Exception as exc:
-                raise InvalidArgumentError(f"onnxruntime could not load the model: {exc}") from exc
+                _reraise(exc)
             finally:
-                options.intra_op_num_threads, options.inter_op_num_threads = saved
-        if self.device == CUDA and CUDA not in session.get_providers():
+                if saved is not None:
+                    options.intra_op_num_threads, options.inter_op_num_threads = saved
+
+    def _route_sessions(self) -> Dict[Optional[int], Any]:
+        """The session of each route: the master, or (CUDA schedule) one per GPU."""
+        routes = self.config.routes
+        self._shared = not self.config.disable_dup_context
+        if not self._shared:
+            # The first worker of the first route adopts the master; the others build theirs.
+            self._spare.append(self.master)
+            return {}
+        if self.device != CUDA or self.config.schedule is None:
+            return {route: self.master for route in routes}
+        sessions = {}
+        master_device = _device_id(self.master)
+        for route in routes:
+            sessions[route] = self.master if route == master_device else self._cuda_session(route)
+        return sessions
+
+    def _cuda_session(self, device_id: Optional[int]) -> Any:
+        session = self._new_session(device_id)
+        if CUDA not in session.get_providers():
             raise BackendUnavailableError(
-                "CUDAExecutionProvider could not be initialised for device "
-                f"{providers[0][1]['device_id']} "
+                f"CUDAExecutionProvider could not be initialised for device {device_id} "
                 f"(onnxruntime used {session.get_providers()}); check the CUDA/cuDNN install"
             )
         return session
 
-    # ------------------------------------------------------------------ the protocol
+    # ------------------------------------------------------------------ the backend
+
+    def make_feed(self) -> OrtFeed:
+        names = [spec.name for spec in self.outputs]
+        return OrtFeed(self.inputs, names, self.config.layout, self._probe)
+
+    def _probe(self, feed: Dict[str, Any], output_names: Any) -> None:
+        """ORT's own verdict on a call ezrt's checks refused: raises ORT's error (ORT checks
+        a call before it runs anything). Returns only if ORT accepts it after all."""
+        names = output_names if output_names else [spec.name for spec in self.outputs]
+        try:
+            self.master._sess.run(names, feed, None)
+        except Exception as exc:
+            _reraise(exc)
+
+    def request_inputs(self, arrays: Sequence[Any]) -> Dict[str, Any]:
+        return dict(zip((spec.name for spec in self.inputs), arrays))
+
+    def input_args(self, user_shapes: Sequence[Any]) -> List[Any]:
+        if any(shape != spec.shape for spec, shape in zip(self.inputs, user_shapes)):
+            return super().input_args(user_shapes)  # ezrt's layout option: caller's shapes
+        return list(self.master.get_inputs())
+
+    def output_args(self) -> List[Any]:
+        return list(self.master.get_outputs())
 
     def make_worker(self, core: Optional[int], slot: int) -> OrtWorker:
         """Called in the worker's own thread: pin it, then give it its session."""
         pins = self._pins.get(core)
-        if pins is not None:
+        if pins is not None and self.device != CUDA:
             os.sched_setaffinity(0, pins)
         if self._shared:
             session = self._sessions[core]
         else:
             with self._lock:
-                session = (
-                    self._spare.pop() if self._spare and core == self.config.routes[0] else None
-                )
+                session = self._spare.pop() if self._spare else None
             if session is None:
-                session = self._new_session(core)
-        return OrtWorker(session, [spec.name for spec in self.inputs], direct=self.device == CPU)
+                session = (
+                    self._cuda_session(core)
+                    if self.device == CUDA and core is not None
+                    else self._new_session(None)
+                )
+        return OrtWorker(session, direct=self.device == CPU)
 
-    def metadata(self) -> ModelMetadata:
-        meta = self.master.get_modelmeta()
-        return ModelMetadata(
-            producer_name=meta.producer_name,
-            graph_name=meta.graph_name,
-            domain=meta.domain,
-            description=meta.description,
-            graph_description=meta.graph_description,
-            version=meta.version,
-            custom_metadata_map=dict(meta.custom_metadata_map),
-        )
+    def metadata(self) -> Any:
+        return self.master.get_modelmeta()
 
     def providers(self) -> List[str]:
         return list(self.master.get_providers())
@@ -302,14 +344,60 @@ class OrtBackend:
     def provider_options(self) -> Dict[str, Dict[str, Any]]:
         return dict(self.master.get_provider_options())
 
-    def run_with_iobinding(self, binding: Any, run_options: Any = None) -> None:
-        self.master.run_with_iobinding(binding, run_options)
-
-    def io_binding(self) -> Any:
+    def io_binding(self, session: Any) -> Any:
         return self.master.io_binding()
 
+    def run_bound(self, binding: Any, run_options: Any) -> None:
+        """ORT's ``run_with_iobinding`` on the session that made the binding."""
+        self.master.run_with_iobinding(binding, run_options)
+
+    def set_providers(self, providers: Any, provider_options: Any) -> None:
+        """ORT's ``set_providers`` on the master; the workers' sessions follow it."""
+        self.master.set_providers(providers, provider_options)
+        self._arguments = self._arguments._replace(
+            providers=providers, provider_options=provider_options
+        )
+        self.device = CUDA if CUDA in self.master.get_providers() else CPU
+        self._check_device()
+        self._spare = []
+        self._sessions = self._route_sessions()
+
     def close(self) -> None:
-        self._sessions.clear()
+        self._sessions = {}
+        self._spare = []
+
+
+def _reraise(error: Exception) -> NoReturn:
+    """Raise ORT's ``error`` as ezrt raises it (see :func:`ezrt.compat.ort_error`)."""
+    converted = ort_error(error)
+    if converted is error:
+        raise error
+    raise converted from error
+
+
+def _on_device(providers: Any, provider_options: Any, device_id: int) -> Tuple[Any, Any]:
+    """The caller's providers with CUDA moved to ``device_id`` (ORT's forms kept)."""
+    if providers is None:
+        return [(CUDA, {"device_id": device_id}), CPU], None
+    if provider_options is not None:
+        options = [
+            {**opts, "device_id": device_id} if name == CUDA else opts
+            for name, opts in zip(providers, provider_options)
+        ]
+        return list(providers), options
+    moved: List[Any] = []
+    for entry in providers:
+        name, opts = (entry, {}) if isinstance(entry, str) else entry
+        moved.append((CUDA, {**opts, "device_id": device_id}) if name == CUDA else entry)
+    return moved, None
+
+
+def _device_id(session: Any) -> int:
+    options = session.get_provider_options().get(CUDA, {})
+    try:
+        return int(options.get("device_id", 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _set_config_entry(options: Any, key: str, value: str) -> None:
@@ -328,7 +416,3 @@ def _read(path: str) -> bytes:
 
 def _ranges(cpus: Sequence[int]) -> str:
     return ", ".join(str(c) for c in cpus) or "none"
-
-
-def available_providers() -> List[str]:
-    return list(_ort().get_available_providers())

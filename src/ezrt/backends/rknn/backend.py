@@ -24,7 +24,7 @@ import numpy as np
 from ...errors import EzrtError, InvalidArgumentError
 from ...io import ModelMetadata, TensorSpec, format_shape
 from ...options import SessionConfig
-from ..base import Request
+from ..base import Backend, Request
 from . import abi
 
 __all__ = ["RknnBackend", "RknnWorker"]
@@ -99,12 +99,14 @@ class RknnWorker:
         """Contexts are destroyed by the backend once every worker has stopped."""
 
 
-class RknnBackend:
+class RknnBackend(Backend):
     """One .rknn model on the NPU, with a context per worker."""
 
-    #: The FeedParser must not transform layouts: this backend reports the caller's shapes
-    #: and converts itself (the runtime accepts NCHW or NHWC for 4-D inputs).
-    feed_layout = "nchw"
+    @property
+    def feed_layout(self) -> str:
+        """The FeedParser must not transform layouts: this backend reports the caller's
+        shapes and converts itself (the runtime accepts NCHW or NHWC for 4-D inputs)."""
+        return "nchw"
 
     def __init__(
         self,

@@ -1,0 +1,21 @@
+"""Inputs and outputs: tensor specs (``specs``), input feeds (``feed``), outputs (``outputs``)."""
+
+from .feed import FeedParser, InputPlan, OrtFeed
+from .outputs import ALL_OUTPUTS, OutputNames, OutputSelection, concat_batch
+from .specs import ONNX_TO_NUMPY, ModelMetadata, NodeArg, TensorSpec, dtype_name, format_shape
+
+__all__ = [
+    "ALL_OUTPUTS",
+    "ONNX_TO_NUMPY",
+    "FeedParser",
+    "InputPlan",
+    "ModelMetadata",
+    "NodeArg",
+    "OrtFeed",
+    "OutputNames",
+    "OutputSelection",
+    "TensorSpec",
+    "concat_batch",
+    "dtype_name",
+    "format_shape",
+]
