@@ -39,7 +39,7 @@ from . import streaming
 from .aio import AsyncAdmission
 from .backends.base import Backend, Request
 from .backends.select import open_backend, rknn_family
-from .compat import ForwardedMethods, ort_session_class
+from .compat import ForwardedMethods
 from .completion import Callback, Outcome, callback_completion, describe_error, future_completion
 from .engine.core import Engine, EngineConfig
 from .engine.metrics import SessionStats
@@ -264,13 +264,13 @@ class InferenceSession(ForwardedMethods):
         return session
 
     def __getattr__(self, name: str) -> Any:
-        # A public name of a newer onnxruntime that ezrt does not list: ORT's own, forwarded.
+        # What the ORT session has and ezrt does not define (a method of a newer
+        # onnxruntime, ORT's private ``_sess`` that some code reaches for) is ORT's own.
         backend = self.__dict__.get("_backend")
-        if name.startswith("_") or backend is None or backend.ort_session is None:
+        session = None if name.startswith("__") or backend is None else backend.ort_session
+        if session is None or not hasattr(session, name):
             raise AttributeError(f"'InferenceSession' object has no attribute {name!r}")
-        if not hasattr(ort_session_class(), name):
-            raise AttributeError(f"'InferenceSession' object has no attribute {name!r}")
-        return getattr(backend.ort_session, name)
+        return getattr(session, name)
 
     # ------------------------------------------------------------------ running
 
