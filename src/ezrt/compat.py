@@ -235,7 +235,13 @@ def environment_options() -> Optional[Dict[str, Any]]:
 
 def _forward(name: str) -> Any:
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self._ort_session(name), name)(*args, **kwargs)
+        try:
+            return getattr(self._ort_session(name), name)(*args, **kwargs)
+        except Exception as error:
+            converted = ort_error(error)
+            if converted is error:
+                raise
+            raise converted from error
 
     method.__name__ = name
     method.__qualname__ = f"InferenceSession.{name}"
