@@ -8,6 +8,7 @@ Importing ezrt loads neither onnxruntime nor librknnrt; they load when a session
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ._version import __version__
@@ -17,6 +18,7 @@ from .errors import (
     BatchInferenceError,
     DeadlineExceededError,
     EzrtError,
+    EzrtWarning,
     InferenceError,
     InvalidArgumentError,
     InvalidTypeError,
@@ -35,6 +37,7 @@ __all__ = [
     "BatchInferenceError",
     "DeadlineExceededError",
     "EzrtError",
+    "EzrtWarning",
     "IOBinding",
     "InferenceError",
     "InferenceSession",
@@ -56,6 +59,8 @@ __all__ = [
     "__version__",
     "make_provider_options",
 ]
+
+logging.getLogger("ezrt").addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> Any:

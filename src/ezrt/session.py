@@ -37,6 +37,7 @@ from .engine.metrics import SessionStats
 from .errors import (
     BatchInferenceError,
     EzrtError,
+    EzrtRuntimeWarning,
     InvalidArgumentError,
     InvalidTypeError,
     PipelineFullError,
@@ -288,7 +289,7 @@ class InferenceSession:
             warnings.warn(
                 "CUDAExecutionProvider is not available in this onnxruntime build "
                 f"(available: {', '.join(available_providers())}); using CPUExecutionProvider",
-                RuntimeWarning,
+                EzrtRuntimeWarning,
                 stacklevel=3,
             )
         return "CPUExecutionProvider"
