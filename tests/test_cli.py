@@ -1,4 +1,4 @@
-"""The ezrt command, run as a subprocess as a user would."""
+"""The ezrt command: in-process through cli.main, and as a subprocess as a user runs it."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ import sys
 import pytest
 
 import ezrt
+from ezrt.backends.rknn import abi
 from ezrt.bench import demo_model_path
 from ezrt.cli import Progress, _provider_arg, _shape_arg, main
+
+from .test_rknn import CC, HERE, IMAGE, _compile
 
 
 def ezrt_cmd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -271,3 +274,26 @@ def test_progress_is_live_on_a_terminal_and_silent_when_disabled(monkeypatch):
     off.timed(1.0, 10)
     off.close()
     assert quiet.getvalue() == ""
+
+
+# ---------------------------------------------------------------- RKNN through the C double
+
+
+@pytest.mark.skipif(CC is None, reason="needs a C compiler (cc, gcc or $CC) for the double")
+def test_bench_on_the_npu_double(tmp_path, monkeypatch, capsys):
+    library = _compile(HERE / "fake_rknnrt.c", tmp_path / "librknnrt.so")
+    monkeypatch.setenv(abi.LIBRARY_ENV, library)
+    model = tmp_path / "model.rknn"
+    model.write_bytes(IMAGE)
+    quick = ["--duration", "0.1", "--warmup", "0.02", "--min-count", "10", "--max-trials", "1"]
+    assert main(["bench", str(model), "--workers", "3", "--compare", *quick, "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    (run,) = json.loads(captured.out)["runs"]
+    assert run["provider"] == "RKNNExecutionProvider"
+    assert run["options"]["schedule"] == [0, 1, 2]  # NPU cores, not CPU ids
+    assert len(run["worker_utilisation"]) == 3 and run["tasks"] >= 10
+    assert "not for RKNN models" in captured.err and "compare_samples_per_s" not in run
+    assert main(["bench", str(model), *quick, "--json", "-"]) == 0  # no --workers: no schedule
+    assert "schedule" not in json.loads(capsys.readouterr().out)["runs"][0]["options"]
+    assert main(["bench", str(model), "--provider", "CPU"]) == 2
+    assert "is an RKNN model: it runs only with --provider RKNN" in capsys.readouterr().err
