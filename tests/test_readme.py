@@ -26,3 +26,26 @@ def test_readme_starts_with_the_two_setup_commands():
     assert commands[0].endswith("ezrt bench")
     ci = (README.parent / ".ci" / "run").read_text()
     assert commands[1] in ci
+
+
+ROOT = README.parent
+
+
+def test_readme_and_docs_cite_only_files_that_ship():
+    """Every relative link resolves inside the repository, and nothing points outside it."""
+    for page in [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks/README.md"]:
+        text = page.read_text()
+        assert "shared/BENCHMARKS" not in text and "shared/reference" not in text, page
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+            if "://" not in target:
+                assert (page.parent / target).exists(), f"{page.name} links to {target}"
+
+
+def test_cli_help_points_at_nothing_outside_the_package():
+    from ezrt.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # bench, info
+    for text in [parser.format_help(), *(sub.format_help() for sub in commands.values())]:
+        assert "shared/" not in text
+    assert "docs/benchmarks.md" in commands["bench"].format_help()

@@ -318,7 +318,8 @@ def test_many_sessions_open_and_close_without_leaks(add_model):
 
 SCRIPT_HUNG_EXIT = textwrap.dedent(
     """
-    import atexit, sys, threading
+    import atexit, logging, sys, threading
+    logging.basicConfig()  # ezrt logs through a NullHandler: the application opts in
     atexit.register(lambda: print("outcomes", sorted(outcomes), flush=True))
     import numpy as np
     import ezrt

@@ -32,7 +32,7 @@ SAMPLES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "rkn
 CC = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 pytestmark = pytest.mark.skipif(
-    CC is None, reason="needs a C compiler to build the librknnrt double"
+    CC is None, reason="needs a C compiler (cc, gcc or $CC) to build the librknnrt double"
 )
 
 F32, U8, I8 = 0, 3, 2
@@ -164,7 +164,9 @@ def test_struct_sizes_match_the_abi():
     assert abi.Input.buf.offset == 8 and abi.Output.buf.offset == 8
 
 
-@pytest.mark.skipif(not SAMPLES.is_dir(), reason="shared/data/rknn samples not present")
+@pytest.mark.skipif(
+    not SAMPLES.is_dir(), reason=f"place the sample .rknn files in {SAMPLES} (see docs/testing.md)"
+)
 def test_container_parsing_of_real_rockchip_samples():
     v6 = parse_container((SAMPLES / "dual_residual_custom_rk3588.rknn").read_bytes())
     assert v6.format_version == 6 and v6.target_platforms == ["rk3588"]
@@ -181,7 +183,9 @@ def test_container_parsing_of_real_rockchip_samples():
         parse_container(b"RKNN\0\0\0\0" + (6).to_bytes(8, "little") + (10**6).to_bytes(8, "little"))
 
 
-@pytest.mark.skipif(not SAMPLES.is_dir(), reason="shared/data/rknn samples not present")
+@pytest.mark.skipif(
+    not SAMPLES.is_dir(), reason=f"place the sample .rknn files in {SAMPLES} (see docs/testing.md)"
+)
 def test_ezrt_info_reads_an_rknn_file_without_any_runtime(monkeypatch):
     env = {**os.environ, abi.LIBRARY_ENV: "/nonexistent/librknnrt.so"}
     out = subprocess.run(

@@ -12,6 +12,7 @@ Importing ezrt loads neither onnxruntime nor librknnrt; they load when first nee
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ._version import __version__
@@ -22,6 +23,7 @@ from .errors import (
     BatchInferenceError,
     DeadlineExceededError,
     EzrtError,
+    EzrtWarning,
     InferenceError,
     InvalidArgumentError,
     InvalidTypeError,
@@ -40,6 +42,7 @@ __all__ = [
     "BatchInferenceError",
     "DeadlineExceededError",
     "EzrtError",
+    "EzrtWarning",
     "InferenceError",
     "InferenceSession",
     "InvalidArgumentError",
@@ -60,6 +63,8 @@ __all__ = [
     "make_provider_options",
     "patch_onnxruntime",
 ]
+
+logging.getLogger("ezrt").addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> Any:

@@ -7,14 +7,30 @@ seconds); the reported figure is the median over rounds.
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import math
 import os
+import platform
+import random
+import shlex
 import statistics
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Union
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Union,
+)
 
 import numpy as np
 
@@ -22,10 +38,15 @@ from .io import ONNX_TO_NUMPY
 from .session import InferenceSession
 
 __all__ = [
+    "ARRIVALS",
+    "SCHEMA_VERSION",
     "BenchResult",
     "Driver",
     "Measurement",
+    "arrival_times",
+    "cpu_model",
     "demo_model_path",
+    "environment",
     "ezrt_contender",
     "load_inputs",
     "make_feed",
@@ -33,6 +54,8 @@ __all__ = [
     "nearest_rank",
     "run_rounds",
     "standard_contenders",
+    "trial_decision",
+    "window_stability",
 ]
 
 
@@ -87,25 +110,33 @@ def _loop(call: Callable[[], object], duration: float) -> int:
     return count
 
 
-def ort_sync(model: Union[str, bytes], feed: Dict[str, np.ndarray], threads: int) -> Contender:
+def ort_sync(
+    model: Union[str, bytes],
+    feed: Dict[str, np.ndarray],
+    threads: int,
+    provider: str = "CPUExecutionProvider",
+) -> Contender:
     """One plain onnxruntime session, ``run`` in a loop (``threads=0``: ORT's default)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model, options, providers=[provider])
     return lambda duration: _loop(lambda: session.run(None, feed), duration)
 
 
-def naive_pool(model: Union[str, bytes], feed: Dict[str, np.ndarray], n: int) -> Contender:
+def naive_pool(
+    model: Union[str, bytes],
+    feed: Dict[str, np.ndarray],
+    n: int,
+    provider: str = "CPUExecutionProvider",
+) -> Contender:
     """N one-thread sessions driven by N Python threads: the usual hand-made pool."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    sessions = [
-        ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]) for _ in range(n)
-    ]
+    sessions = [ort.InferenceSession(model, options, providers=[provider]) for _ in range(n)]
 
     def run(duration: float) -> int:
         counts = [0] * n
@@ -127,12 +158,15 @@ def naive_pool(model: Union[str, bytes], feed: Dict[str, np.ndarray], n: int) ->
 
 
 def ort_run_async(
-    model: Union[str, bytes], feed: Dict[str, np.ndarray], in_flight: int
+    model: Union[str, bytes],
+    feed: Dict[str, np.ndarray],
+    in_flight: int,
+    provider: str = "CPUExecutionProvider",
 ) -> Contender:
     """ORT's own ``run_async`` with a bounded number of tasks in flight."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model, providers=[provider])
 
     def run(duration: float) -> int:
         slots = threading.BoundedSemaphore(in_flight)
@@ -233,9 +267,18 @@ def standard_contenders(
 # ---------------------------------------------------------------------------- ezrt bench
 
 MODES = ("run", "run_async", "pipeline", "batch")
+#: Arrival processes of the open-loop load (``ezrt bench --rate R --arrival ...``).
+ARRIVALS = ("poisson", "constant")
 #: How often the bench samples the tasks in flight (seconds).
 DEPTH_PERIOD = 0.05
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
+#: A run is stable when its last STABLE_WINDOWS throughput windows lie within
+#: STABILITY_THRESHOLD (a fraction of their mean) of each other.
+STABLE_WINDOWS = 3
+STABILITY_THRESHOLD = 0.10
+#: The layout version of ``ezrt bench --json``: raised whenever a field changes meaning or
+#: goes away (new fields may appear without it).
+SCHEMA_VERSION = 1
 
 
 def nearest_rank(sorted_values: Sequence[float], q: float) -> float:
@@ -246,9 +289,105 @@ def nearest_rank(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
+def window_stability(
+    window_rates: Sequence[float], threshold: float = STABILITY_THRESHOLD
+) -> Dict[str, Any]:
+    """Whether the last :data:`STABLE_WINDOWS` window throughputs agree: ``stable``, and
+    ``spread`` = (max - min) / mean of those windows (None when there are too few)."""
+    last = list(window_rates[-STABLE_WINDOWS:])
+    if len(last) < STABLE_WINDOWS:
+        return {"stable": False, "spread": None, "reason": f"fewer than {STABLE_WINDOWS} windows"}
+    mean = statistics.fmean(last)
+    if mean <= 0:
+        return {"stable": False, "spread": None, "reason": "no completions in the last windows"}
+    spread = (max(last) - min(last)) / mean
+    return {"stable": spread <= threshold, "spread": spread}
+
+
+def trial_decision(
+    trials: Sequence[Sequence[float]], max_trials: int, threshold: float = STABILITY_THRESHOLD
+) -> str:
+    """What to do after the measured trials so far (each its window throughputs), as
+    perf_analyzer does: ``"stable"`` (the last trial settled: report it), ``"retry"`` (it
+    did not and fewer than ``max_trials`` ran: measure again) or ``"unstable"`` (the
+    trials are spent: report the last one, flagged)."""
+    if max_trials < 1:
+        raise ValueError(f"max_trials must be at least 1 (got {max_trials})")
+    if not trials:
+        return "retry"
+    if window_stability(trials[-1], threshold)["stable"]:
+        return "stable"
+    return "retry" if len(trials) < max_trials else "unstable"
+
+
+def arrival_times(
+    rate: float, arrival: str = "poisson", start: float = 0.0, seed: int = 0
+) -> Iterator[float]:
+    """Scheduled arrival times (seconds, from ``start``) of an open-loop load of ``rate``
+    requests per second: evenly spaced (``constant``) or a Poisson process (independent
+    exponential gaps, reproducible from ``seed``)."""
+    if not rate > 0 or math.isinf(rate):
+        raise ValueError(f"rate must be a positive number of requests per second (got {rate})")
+    if arrival not in ARRIVALS:
+        raise ValueError(f"arrival must be one of {', '.join(ARRIVALS)} (got {arrival!r})")
+    if arrival == "constant":
+        for index in itertools.count():
+            yield start + index / rate
+    rng = random.Random(seed)
+    due = start
+    while True:
+        due += rng.expovariate(rate)
+        yield due
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+    """The CPU's model name from ``cpuinfo`` (x86 "model name", Arm boards' "Model" or
+    "Hardware"), else what ``platform.processor()`` says, else None."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            fields = dict(
+                (key.strip().lower(), value.strip())
+                for key, sep, value in (line.partition(":") for line in handle)
+                if sep and value.strip()
+            )
+    except OSError:
+        fields = {}
+    for key in ("model name", "model", "hardware", "cpu model", "processor"):
+        if key in fields and not fields[key].isdigit():
+            return fields[key]
+    return platform.processor() or None
+
+
+def environment(command: Sequence[str]) -> Dict[str, Any]:
+    """Where a bench ran: versions (ezrt, onnxruntime, numpy, Python), the providers this
+    onnxruntime offers, the CPU model and counts, the command line and the UTC time."""
+    from . import __version__
+    from .backends.onnxruntime import allowed_cpus, available_providers
+
+    try:
+        import onnxruntime
+
+        ort_version: Optional[str] = onnxruntime.__version__
+    except ImportError:  # pragma: no cover - a dependency of ezrt
+        ort_version = None
+    return {
+        "ezrt": __version__,
+        "onnxruntime": ort_version,
+        "numpy": np.__version__,
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "platform": platform.platform(),
+        "onnxruntime_providers": available_providers() if ort_version else [],
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_allowed": len(allowed_cpus()),
+        "command": shlex.join(command),
+        "utc_time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
 @dataclass
 class BenchResult:
-    """One measured configuration; ``as_dict`` is what ``--json`` prints."""
+    """One measured configuration; ``as_dict`` is one entry of ``--json``'s ``runs``."""
 
     mode: str
     options: Dict[str, Any]
@@ -264,10 +403,20 @@ class BenchResult:
     worker_utilisation: Dict[str, float]
     queue_depths: List[int]
     window_rates: List[float] = field(default_factory=list)
+    #: ``{"kind": "closed loop"}`` or the open loop's rate, arrivals and submitter lag.
+    load: Dict[str, Any] = field(default_factory=lambda: {"kind": "closed loop"})
+    #: Every measured trial (the last one is this result): windows, spread, verdict.
+    trials: List[Dict[str, Any]] = field(default_factory=list)
+    threshold: float = STABILITY_THRESHOLD
+    provider: str = ""
 
     @property
     def throughput(self) -> float:
         return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def open_loop(self) -> bool:
+        return self.load.get("kind") == "open loop"
 
     def latency_summary(self) -> Dict[str, float]:
         values = sorted(self.latencies_ms)
@@ -283,17 +432,18 @@ class BenchResult:
         return summary
 
     def stability(self) -> Dict[str, Any]:
-        """Stable when the last 3 windows' throughputs are within 10 % of their mean."""
-        last = self.window_rates[-3:]
-        if len(last) < 3 or not statistics.fmean(last):
-            return {"stable": False, "spread": None, "reason": "fewer than 3 windows"}
-        spread = (max(last) - min(last)) / statistics.fmean(last)
-        return {"stable": spread <= 0.10, "spread": spread}
+        """Stable when the last 3 windows' throughputs are within the threshold (10 %) of
+        their mean; also how many trials it took and the threshold."""
+        verdict = window_stability(self.window_rates, self.threshold)
+        return {**verdict, "threshold": self.threshold, "trials": max(1, len(self.trials))}
 
     def as_dict(self) -> Dict[str, Any]:
+        origin = "scheduled arrival" if self.open_loop else "submit"
         return {
             "mode": self.mode,
+            "provider": self.provider,
             "options": self.options,
+            "load": self.load,
             "samples": self.samples,
             "tasks": self.tasks,
             "measured_seconds": self.seconds,
@@ -301,9 +451,10 @@ class BenchResult:
             "first_run_ms": self.first_run_ms,
             "warmup_tasks": self.warmup_tasks,
             "latency_ms": self.latency_summary(),
-            "latency_method": "nearest rank, per task (per call for batch), submit to result",
+            "latency_method": f"nearest rank, per task (per call for batch), {origin} to result",
             "windows_samples_per_s": self.window_rates,
             "stability": self.stability(),
+            "trials": self.trials,
             "breakdown": self.stats_delta,
             "worker_utilisation": self.worker_utilisation,
             "queue_depth": {
@@ -334,12 +485,28 @@ class Driver:
         self.lock = threading.Lock()
         self.latencies: List[float] = []
         self.completions: List[float] = []
+        self.lags: List[float] = []  # open loop: how late each submission was, in seconds
+        self._finished = threading.Event()
+        self._expected = -1
 
     def _done(self, started: float) -> None:
         now = time.perf_counter()
         with self.lock:
             self.latencies.append(now - started)
             self.completions.append(now)
+
+    def _callback(self, results: Any, started: float, err: str) -> None:
+        self._done(started)
+        if len(self.completions) >= self._expected >= 0:
+            self._finished.set()
+
+    def _wait_async(self, expected: int) -> None:
+        """Wait until ``expected`` run_async tasks have had their callbacks."""
+        self._expected = expected
+        if len(self.completions) < expected:
+            self._finished.wait()
+        self._finished.clear()
+        self._expected = -1
 
     def drive(self, keep_going: Callable[[int], bool]) -> int:
         """Submit while ``keep_going(tasks so far)``; return once every task completed."""
@@ -352,21 +519,11 @@ class Driver:
                 self._done(started)
                 tasks += 1
         elif self.mode == "run_async":
-            finished = threading.Event()
-            expected = [-1]
-
-            def callback(results: Any, started: float, err: str) -> None:
-                self._done(started)
-                if len(self.completions) >= expected[0] >= 0:
-                    finished.set()
-
             count_before = len(self.completions)
             while keep_going(tasks):
-                session.run_async(None, feed, callback, time.perf_counter())
+                session.run_async(None, feed, self._callback, time.perf_counter())
                 tasks += 1
-            expected[0] = count_before + tasks
-            if len(self.completions) < expected[0]:
-                finished.wait()
+            self._wait_async(count_before + tasks)
         else:  # pipeline
             pending: Deque[float] = deque()
             while keep_going(tasks):
@@ -377,6 +534,161 @@ class Driver:
             for _ in session.flush_pipeline(return_exceptions=True):
                 self._done(pending.popleft())
         return tasks
+
+    def drive_open(
+        self, arrivals: Iterator[float], keep_going: Callable[[int, float], bool]
+    ) -> int:
+        """Open loop: ``run_async`` each task at its scheduled arrival (perf_counter seconds)
+        while ``keep_going(tasks so far, next arrival)``. Latency counts from the scheduled
+        arrival, so a submission held up by back-pressure shows as queueing."""
+        session, feed, tasks = self.session, self.feed, 0
+        count_before = len(self.completions)
+        for due in arrivals:
+            if not keep_going(tasks, due):
+                break
+            wait = due - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            self.lags.append(max(0.0, time.perf_counter() - due))
+            session.run_async(None, feed, self._callback, due)
+            tasks += 1
+        self._wait_async(count_before + tasks)
+        return tasks
+
+
+class _Sampler:
+    """A thread that samples the tasks in flight every DEPTH_PERIOD and reports progress."""
+
+    def __init__(
+        self,
+        session: InferenceSession,
+        driver: Driver,
+        progress: Optional[Callable[[float, int], None]],
+        depths: Optional[List[int]] = None,
+    ) -> None:
+        self.session, self.driver, self.progress, self.depths = session, driver, progress, depths
+        self.begin = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ezrt-bench-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(DEPTH_PERIOD):
+            if self.depths is not None:
+                snapshot = self.session.stats()
+                self.depths.append(snapshot.queued + snapshot.running + snapshot.undelivered)
+            if self.progress is not None:
+                self.progress(time.perf_counter() - self.begin, len(self.driver.completions))
+
+    def __enter__(self) -> _Sampler:
+        self.begin = time.perf_counter()
+        if self.depths is not None or self.progress is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+@dataclass
+class _Load:
+    """How tasks are submitted: closed loop (as fast as admitted) or open loop at ``rate``."""
+
+    rate: Optional[float] = None
+    arrival: str = "poisson"
+    seed: int = 0
+
+    def drive(self, driver: Driver, seconds: float, min_count: int, trial: int = 0) -> int:
+        begin = time.perf_counter()
+        end = begin + seconds
+        if self.rate is None:
+            return driver.drive(lambda n: n < min_count or time.perf_counter() < end)
+        arrivals = arrival_times(self.rate, self.arrival, begin, self.seed + trial)
+        return driver.drive_open(arrivals, lambda n, due: n < min_count or due < end)
+
+    def describe(self, driver: Driver, seconds: float) -> Dict[str, Any]:
+        if self.rate is None:
+            return {"kind": "closed loop"}
+        lags = sorted(driver.lags)
+        return {
+            "kind": "open loop",
+            "arrival": self.arrival,
+            "rate_per_s": self.rate,
+            "submitted_per_s": len(lags) / seconds if seconds > 0 else 0.0,
+            "submit_lag_ms": {
+                "p50": nearest_rank(lags, 50) * 1e3,
+                "p99": nearest_rank(lags, 99) * 1e3,
+                "max": (lags[-1] if lags else 0.0) * 1e3,
+            },
+        }
+
+
+def _breakdown(before: Any, after: Any) -> Dict[str, Any]:
+    return {
+        name: {
+            "count": h.count,
+            "mean_ms": h.mean * 1e3,
+            "p50_ms_est": h.percentile(50) * 1e3,
+            "p99_ms_est": h.percentile(99) * 1e3,
+        }
+        for name in ("queue_wait", "compute", "delivery")
+        for h in [getattr(after, name).since(getattr(before, name))]
+    }
+
+
+def _windows(
+    completions: Sequence[float], seconds: float, per_task: int, count: int
+) -> List[float]:
+    if seconds <= 0:
+        return []
+    width = seconds / count
+    counts = [0] * count
+    for t in completions:
+        counts[min(int(t / width), count - 1)] += per_task
+    return [c / width for c in counts]
+
+
+def _measure_trial(
+    session: InferenceSession,
+    driver: Driver,
+    load: _Load,
+    duration: float,
+    min_count: int,
+    windows: int,
+    progress: Optional[Callable[[float, int], None]],
+    trial: int,
+) -> BenchResult:
+    before = session.stats()
+    depths: List[int] = []
+    with _Sampler(session, driver, progress, depths) as sampler:
+        tasks = load.drive(driver, duration, min_count, trial)
+    begin = sampler.begin
+    last = max(driver.completions) if driver.completions else begin
+    seconds = last - begin
+    after = session.stats()
+    utilisation = {
+        worker: (busy - before.worker_busy_seconds.get(worker, 0.0)) / seconds if seconds else 0.0
+        for worker, busy in after.worker_busy_seconds.items()
+    }
+    completions = sorted(t - begin for t in driver.completions)
+    return BenchResult(
+        mode=driver.mode,
+        options={},
+        samples=len(completions) * driver.samples_per_task,
+        tasks=tasks,
+        seconds=seconds,
+        first_run_ms=0.0,
+        warmup_tasks=0,
+        latencies_ms=[lat * 1e3 for lat in driver.latencies],
+        completion_times=completions,
+        samples_per_task=driver.samples_per_task,
+        stats_delta=_breakdown(before, after),
+        worker_utilisation=utilisation,
+        queue_depths=depths,
+        window_rates=_windows(completions, seconds, driver.samples_per_task, windows),
+        load=load.describe(driver, seconds),
+    )
 
 
 def measure(
@@ -391,78 +703,75 @@ def measure(
     depth: int = 3,
     windows: int = 6,
     progress: Optional[Callable[[float, int], None]] = None,
+    rate: Optional[float] = None,
+    arrival: str = "poisson",
+    seed: int = 0,
+    max_trials: int = 1,
+    threshold: float = STABILITY_THRESHOLD,
+    phase: Optional[Callable[[str, float], None]] = None,
 ) -> BenchResult:
-    """Measure one session in one call style, trtexec-style (see BENCHMARKS.md)."""
+    """Measure one session in one call style, trtexec-style (see docs/benchmarks.md).
+
+    One first run (timed on its own), ``warmup`` seconds of warm-up, then trials of
+    ``duration`` seconds and at least ``min_count`` tasks until the last windows of a trial
+    agree within ``threshold``, at most ``max_trials`` (see :func:`trial_decision`).
+    ``rate`` (requests per second, ``run_async`` only) makes the load an open loop with
+    ``arrival`` ("poisson" or "constant") arrivals; latency then counts from each task's
+    scheduled arrival. ``phase(name, seconds)`` announces each phase and
+    ``progress(elapsed, completed)`` reports on it every 50 ms.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
+    if rate is not None and mode != "run_async":
+        raise ValueError(f"an open-loop rate drives run_async; mode {mode!r} is a closed loop")
+    load = _Load(rate, arrival, seed)
+    if rate is not None:
+        next(arrival_times(rate, arrival))  # checks rate and arrival before any work
+    announce = phase or (lambda name, seconds: None)
     started = time.perf_counter()
     session.run(None, feed)
     first_run_ms = (time.perf_counter() - started) * 1e3
+    announce("warm-up", warmup)
     warm = Driver(session, feed, mode, batch, depth)
-    warm_end = time.perf_counter() + warmup
-    warmup_tasks = warm.drive(lambda n: time.perf_counter() < warm_end)
+    with _Sampler(session, warm, progress):
+        warmup_tasks = load.drive(warm, warmup, 0, trial=-1)
 
-    driver = Driver(session, feed, mode, batch, depth)
-    before = session.stats()
-    depths: List[int] = []
-    stop_sampling = threading.Event()
+    def trial(index: int) -> BenchResult:
+        label = "measure" if max_trials == 1 else f"measure, trial {index + 1}/{max_trials}"
+        announce(label, duration)
+        driver = Driver(session, feed, mode, batch, depth)
+        return _measure_trial(session, driver, load, duration, min_count, windows, progress, index)
 
-    def sample() -> None:  # queue depth over time, and the progress display
-        while not stop_sampling.wait(DEPTH_PERIOD):
-            snapshot = session.stats()
-            depths.append(snapshot.queued + snapshot.running + snapshot.undelivered)
-            if progress is not None:
-                progress(time.perf_counter() - begin, len(driver.completions))
-
-    begin = time.perf_counter()
-    end = begin + duration
-    sampler = threading.Thread(target=sample, name="ezrt-bench-sampler", daemon=True)
-    sampler.start()
-    try:
-        tasks = driver.drive(lambda n: n < min_count or time.perf_counter() < end)
-    finally:
-        stop_sampling.set()
-        sampler.join()
-    last = max(driver.completions) if driver.completions else begin
-    seconds = last - begin
-    after = session.stats()
-    delta = {
-        name: {
-            "count": h.count,
-            "mean_ms": h.mean * 1e3,
-            "p50_ms_est": h.percentile(50) * 1e3,
-            "p99_ms_est": h.percentile(99) * 1e3,
-        }
-        for name in ("queue_wait", "compute", "delivery")
-        for h in [getattr(after, name).since(getattr(before, name))]
-    }
-    utilisation = {
-        worker: (busy - before.worker_busy_seconds.get(worker, 0.0)) / seconds if seconds else 0.0
-        for worker, busy in after.worker_busy_seconds.items()
-    }
-    completions = sorted(t - begin for t in driver.completions)
-    result = BenchResult(
-        mode=mode,
-        options={},
-        samples=len(completions) * driver.samples_per_task,
-        tasks=tasks,
-        seconds=seconds,
-        first_run_ms=first_run_ms,
-        warmup_tasks=warmup_tasks,
-        latencies_ms=[lat * 1e3 for lat in driver.latencies],
-        completion_times=completions,
-        samples_per_task=driver.samples_per_task,
-        stats_delta=delta,
-        worker_utilisation=utilisation,
-        queue_depths=depths,
+    trials = _until_stable(trial, max_trials, threshold)
+    result = trials[-1]
+    result.first_run_ms, result.warmup_tasks, result.threshold = (
+        first_run_ms,
+        warmup_tasks,
+        threshold,
     )
-    if seconds > 0:
-        width = seconds / windows
-        counts = [0] * windows
-        for t in completions:
-            counts[min(int(t / width), windows - 1)] += driver.samples_per_task
-        result.window_rates = [c / width for c in counts]
+    result.provider = session.get_providers()[0]
+    result.trials = [
+        {
+            "throughput_samples_per_s": t.throughput,
+            "windows_samples_per_s": t.window_rates,
+            **window_stability(t.window_rates, threshold),
+        }
+        for t in trials
+    ]
     return result
+
+
+def _until_stable(
+    trial: Callable[[int], BenchResult], max_trials: int, threshold: float
+) -> List[BenchResult]:
+    """Run ``trial(0)``, ``trial(1)``, ... until :func:`trial_decision` stops retrying."""
+    trials: List[BenchResult] = []
+    while (
+        not trials
+        or trial_decision([t.window_rates for t in trials], max_trials, threshold) == "retry"
+    ):
+        trials.append(trial(len(trials)))
+    return trials
 
 
 def load_inputs(path: str, inputs: Sequence[Any]) -> Dict[str, np.ndarray]:

@@ -15,6 +15,8 @@ __all__ = [
     "BatchInferenceError",
     "DeadlineExceededError",
     "EzrtError",
+    "EzrtRuntimeWarning",
+    "EzrtWarning",
     "InferenceError",
     "InvalidArgumentError",
     "InvalidTypeError",
@@ -28,6 +30,16 @@ __all__ = [
 
 class EzrtError(RuntimeError):
     """Base class of every error ezrt raises deliberately."""
+
+
+class EzrtWarning(UserWarning):
+    """Base category of every warning ezrt issues: ``warnings.filterwarnings("ignore",
+    category=ezrt.EzrtWarning)`` silences ezrt's warnings and no one else's."""
+
+
+class EzrtRuntimeWarning(EzrtWarning, RuntimeWarning):
+    """A warning about the running environment (e.g. a requested provider is unavailable and
+    ezrt fell back to another); also a ``RuntimeWarning``."""
 
 
 class InvalidArgumentError(EzrtError, ValueError):

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ...errors import EzrtError, InvalidArgumentError
+from ...errors import EzrtError, EzrtWarning, InvalidArgumentError
 from ...io import ModelMetadata, TensorSpec, format_shape
 from ...options import SessionConfig
 from ..base import Backend, Request
@@ -131,7 +131,7 @@ class RknnBackend(Backend):
             warnings.warn(
                 "Custom op loading requested; dup_context is disabled for this session to "
                 "avoid known RKNN stability issues.",
-                UserWarning,
+                EzrtWarning,
                 stacklevel=4,
             )
         plugins = self._load_plugins() if config.wants_custom_ops else []
@@ -220,7 +220,7 @@ class RknnBackend(Backend):
                 warnings.warn(
                     f"RKNN API version {self.sdk_version} is likely outdated; behavior may be "
                     "unstable. Recommended minimum version is 2.4.1.",
-                    UserWarning,
+                    EzrtWarning,
                     stacklevel=5,
                 )
         custom = abi.CustomString()
@@ -315,7 +315,7 @@ class RknnBackend(Backend):
             if not os.path.isdir(directory):
                 warnings.warn(
                     f"Default plugin directory does not exist: {directory}",
-                    UserWarning,
+                    EzrtWarning,
                     stacklevel=5,
                 )
             for path in sorted(glob.glob(os.path.join(directory, "librkcst_*.so"))):
@@ -324,7 +324,7 @@ class RknnBackend(Backend):
                 except EzrtError as exc:
                     warnings.warn(
                         f"Failed to load plugin {os.path.basename(path)}: {exc}",
-                        UserWarning,
+                        EzrtWarning,
                         stacklevel=5,
                     )
         seen: Dict[Tuple[bytes, int, int], str] = {}
@@ -349,7 +349,7 @@ class RknnBackend(Backend):
             warnings.warn(
                 f"dlopen {path} fail: {exc} "
                 "(this could lead to a crash due to internal bugs of rknnrt)",
-                UserWarning,
+                EzrtWarning,
                 stacklevel=6,
             )
             raise InvalidArgumentError(f"dlopen {path} fail: {exc}") from exc

@@ -1,0 +1,61 @@
+"""What a library owes its host program: filterable warnings, a quiet logger, a licence."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import pathlib
+import warnings
+
+import ezrt
+from ezrt.errors import EzrtRuntimeWarning
+
+SRC = pathlib.Path(ezrt.__file__).parent
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def warn_calls():
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "warn"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "warnings"
+            ):
+                yield path, node
+
+
+def test_every_ezrt_warning_has_an_ezrt_category():
+    calls = list(warn_calls())
+    assert calls, "no warnings.warn call found: the scan is broken"
+    for path, call in calls:
+        category = call.args[1] if len(call.args) > 1 else None
+        category = category or next((k.value for k in call.keywords if k.arg == "category"), None)
+        assert isinstance(category, ast.Name), f"{path.name}:{call.lineno} has no category"
+        assert category.id in ("EzrtWarning", "EzrtRuntimeWarning"), (path.name, call.lineno)
+
+
+def test_ezrt_warnings_can_be_filtered_alone():
+    assert issubclass(ezrt.EzrtWarning, UserWarning)
+    assert issubclass(EzrtRuntimeWarning, ezrt.EzrtWarning)
+    assert issubclass(EzrtRuntimeWarning, RuntimeWarning)  # old filters keep working
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=ezrt.EzrtWarning)
+        warnings.warn("from ezrt", EzrtRuntimeWarning, stacklevel=1)
+        warnings.warn("from someone else", RuntimeWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["from someone else"]
+
+
+def test_the_ezrt_logger_has_a_null_handler():
+    handlers = logging.getLogger("ezrt").handlers
+    assert any(isinstance(handler, logging.NullHandler) for handler in handlers)
+
+
+def test_the_licence_text_ships_beside_the_code():
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+    assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()
