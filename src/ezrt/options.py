@@ -48,6 +48,10 @@ DISPATCH_BATCH_KEY = "ztu_modelrt_dispatch_batch"
 MAX_UNDELIVERED = 8
 #: A sanity bound: more workers per core than this is a typo, not a configuration.
 MAX_THREADS_PER_CORE = 64
+#: The largest ``max_queue_size`` and ``submit_timeout_ms`` (a C int, as upstream's).
+MAX_INT32 = 2**31 - 1
+#: The largest core id in ``schedule`` (a CPU id below this; RKNN core masks have 16 bits).
+MAX_CORE_ID = 4095
 
 LayoutLike = Literal["nchw", "original", "nchw_software", "original_software", "nhwc", "any"]
 TpModeLike = Literal["auto", "all", "0", "1", "2", "0,1", "0,1,2"]
@@ -210,10 +214,13 @@ def as_bool(name: str, value: object) -> bool:
         raise InvalidTypeError(f"{name} must be a boolean (got {_describe(value)})") from None
 
 
-def _positive(name: str, value: object) -> int:
+def _positive(name: str, value: object, most: int = MAX_INT32) -> int:
+    """An integer in 1..``most``."""
     number = as_int(name, value)
     if number <= 0:
         raise InvalidArgumentError(f"{name} must be > 0 (got {number})")
+    if number > most:
+        raise InvalidArgumentError(f"{name} must be <= {most} (got {number})")
     return number
 
 
@@ -251,6 +258,11 @@ def _parse_schedule(value: object) -> Tuple[int, ...]:
     negative = [core for core in cores if core < 0]
     if negative:
         raise InvalidArgumentError(f"schedule values must be >= 0 (got {negative[0]})")
+    too_big = [core for core in cores if core > MAX_CORE_ID]
+    if too_big:
+        raise InvalidArgumentError(
+            f"schedule values must be <= {MAX_CORE_ID} (got {too_big[0]}): a core id"
+        )
     return tuple(cores)
 
 
@@ -352,12 +364,8 @@ def parse_provider_options(
         elif key == "zero_copy_layout":
             values["zero_copy_layout"] = _parse_zero_copy_layout(value)
         elif key in ("max_queue_size", "threads_per_core", "submit_timeout_ms"):
-            values[key] = _positive(key, value)
-            if key == "threads_per_core" and values[key] > MAX_THREADS_PER_CORE:
-                raise InvalidArgumentError(
-                    f"threads_per_core must be <= {MAX_THREADS_PER_CORE} (got {values[key]}): "
-                    "each is a thread with its own backend context"
-                )
+            most = MAX_THREADS_PER_CORE if key == "threads_per_core" else MAX_INT32
+            values[key] = _positive(key, value, most)
         elif key in ("sequential_callbacks", "enable_pacing", "disable_dup_context"):
             values[key] = as_bool(key, value)
         elif key == "schedule":

@@ -100,20 +100,22 @@ def _read_run_options(run_options: Any) -> Tuple[bool, Any]:
     return as_bool(DISPATCH_BATCH_KEY, value), run_options
 
 
+def _seconds(name: str, value: Any) -> Optional[float]:
+    """A duration argument: None or a number of seconds >= 0 (``math.inf``: none)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise InvalidTypeError(f"{name} must be a number of seconds or None (got {value!r})")
+    seconds = float(value)
+    if math.isnan(seconds) or seconds < 0:
+        raise InvalidArgumentError(f"{name} must be >= 0 seconds or None (got {value!r})")
+    return None if math.isinf(seconds) else seconds
+
+
 def _expiry(deadline: Any) -> Optional[float]:
     """The monotonic time a task must start by: ``deadline`` seconds from now."""
-    if deadline is None:
-        return None
-    if isinstance(deadline, bool) or not isinstance(
-        deadline, (int, float, np.integer, np.floating)
-    ):
-        raise InvalidTypeError(f"deadline must be a number of seconds or None (got {deadline!r})")
-    seconds = float(deadline)
-    if math.isnan(seconds) or seconds < 0:
-        raise InvalidArgumentError(f"deadline must be >= 0 seconds or None (got {deadline!r})")
-    if math.isinf(seconds):
-        return None  # never expires
-    return time.monotonic() + seconds
+    seconds = _seconds("deadline", deadline)
+    return None if seconds is None else time.monotonic() + seconds
 
 
 def _weak_enqueue(session: InferenceSession) -> Callable[[Any, float], Future[Any]]:
@@ -587,6 +589,7 @@ class InferenceSession(ForwardedMethods):
         False if ``timeout`` seconds passed before all threads exited. From a callback,
         close does not wait for the callback thread itself.
         """
+        timeout = _seconds("timeout", timeout)
         engine = self._engine
         if engine is None:
             return True

@@ -27,7 +27,7 @@ import threading
 from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
 from ..compat import OrtArguments, ort, ort_error, ort_session_class
-from ..errors import BackendUnavailableError, InvalidArgumentError
+from ..errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeError
 from ..io import ONNX_TO_NUMPY, OrtFeed, TensorSpec
 from ..options import TP_MODE_MASKS, SessionConfig
 from .base import Backend, Request
@@ -106,6 +106,12 @@ class OrtBackend(Backend):
         self.model = model
         self.config = config
         self._arguments = arguments
+        options = arguments.sess_options
+        if options is not None and not isinstance(options, ort().SessionOptions):
+            raise InvalidTypeError(
+                "sess_options must be an onnxruntime.SessionOptions or None "
+                f"(got {type(options).__name__})"
+            )
         self._lock = threading.Lock()  # guards the borrowed SessionOptions while building
         self._check_config()
         self._pins: Dict[Optional[int], Optional[List[int]]] = {}

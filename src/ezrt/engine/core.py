@@ -333,6 +333,10 @@ class Engine:
                 self._complete(task, None, error)
         self._delivery.wake()
 
+    def undelivered(self) -> int:
+        """``run_async`` tasks accepted whose callback has not been delivered (yet)."""
+        return self._dispatch.next_seq - self._delivery.ledger.delivered
+
     @property
     def worker_count(self) -> int:
         """How many worker threads."""

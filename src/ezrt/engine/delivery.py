@@ -8,18 +8,15 @@ the callback has returned.
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
 from .ledger import Ledger
-from .task import Finished
+from .task import Finished, report
 
 __all__ = ["WAKE", "Delivery"]
-
-logger = logging.getLogger("ezrt")
 
 WAKE = object()  # in the queue: the thread re-checks whether it may stop
 
@@ -79,8 +76,8 @@ class Delivery:
             for task, result, error in ready:
                 try:
                     task.on_done(result, error)
-                except BaseException:
-                    logger.exception("ezrt: a run_async callback raised; delivery continues")
+                except BaseException as exc:
+                    report("ezrt: a run_async callback raised; delivery continues", exc)
                 if task.finished_at:  # 0: it never ran (cancelled, dropped, expired)
                     record(monotonic() - task.finished_at)
                 ledger.delivered += 1
@@ -90,5 +87,5 @@ class Delivery:
         if self._on_stopped is not None:
             try:
                 self._on_stopped()
-            except Exception:
-                logger.exception("ezrt: releasing the backend failed")
+            except Exception as exc:
+                report("ezrt: releasing the backend failed", exc)

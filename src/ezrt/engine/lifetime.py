@@ -1,26 +1,39 @@
 """Process-wide lifetime: engines still open at interpreter exit, and engines in a fork child.
 
-At exit every unclosed engine drains (queues are short), then cancels what is left, then
-gives up on tasks that never finish: every accepted task is delivered either way, run or
-failed with :class:`SessionClosedError`. In a fork child the engine threads do not exist,
-so engines inherited from the parent are marked unusable.
+At exit every unclosed engine drains (queues are short), for at most
+``EXIT_DRAIN_SECONDS`` in all. An engine that has not drained by then has its queued tasks
+cancelled (their callbacks get "session closed") and gets ``EXIT_GRACE_SECONDS`` more; tasks
+still running after that are abandoned (their callbacks get "task abandoned"), and the
+callback thread gets ``EXIT_GRACE_SECONDS`` more to deliver. Exit is therefore held for at
+most ``EXIT_DRAIN_SECONDS + 2 * EXIT_GRACE_SECONDS`` per stuck session. Whatever happens is
+said out loud with an :class:`~ezrt.errors.EzrtWarning`, including how many ``run_async``
+callbacks were not delivered because a callback never returned.
+
+Everything is delivered before the interpreter flushes ``sys.stdout`` (atexit handlers run
+first), so output printed by the last callbacks is not lost either.
+
+In a fork child the engine threads do not exist, so engines inherited from the parent are
+marked unusable.
 """
 
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import time
+import warnings
 import weakref
 from typing import Any, Optional, Protocol
 
-__all__ = ["EXIT_DRAIN_SECONDS", "register"]
+from ..errors import EzrtWarning
 
-logger = logging.getLogger("ezrt")
+__all__ = ["EXIT_DRAIN_SECONDS", "EXIT_GRACE_SECONDS", "register"]
 
-#: At interpreter exit, how long unclosed sessions may drain before the rest is cancelled.
+#: At interpreter exit, how long unclosed sessions may drain (all together).
 EXIT_DRAIN_SECONDS = 5.0
+#: After that, how long a stuck session gets after its queued tasks are cancelled, and again
+#: after its running tasks are abandoned.
+EXIT_GRACE_SECONDS = 1.0
 
 
 class _Closable(Protocol):
@@ -31,6 +44,8 @@ class _Closable(Protocol):
     ) -> bool: ...
 
     def abandon(self) -> None: ...
+
+    def undelivered(self) -> int: ...
 
 
 _live: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -47,13 +62,34 @@ def _close_all_at_exit() -> None:
         engine.close(wait=False)  # stop admission everywhere first
     deadline = time.monotonic() + EXIT_DRAIN_SECONDS
     for engine in engines:
-        if engine.close(wait=True, timeout=max(0.0, deadline - time.monotonic())):
-            continue
-        logger.warning("ezrt: a session did not drain at exit; cancelling its queued tasks")
-        if not engine.close(cancel=True, wait=True, timeout=EXIT_DRAIN_SECONDS):
-            logger.warning("ezrt: tasks still running at exit are abandoned (reported as failed)")
-            engine.abandon()
-            engine.close(wait=True, timeout=EXIT_DRAIN_SECONDS)
+        if not engine.close(wait=True, timeout=max(0.0, deadline - time.monotonic())):
+            _finish_stuck(engine)
+
+
+def _finish_stuck(engine: _Closable) -> None:
+    if engine.close(cancel=True, wait=True, timeout=EXIT_GRACE_SECONDS):
+        _say(
+            f"a session did not drain at exit within {EXIT_DRAIN_SECONDS:g} s; its queued "
+            "tasks were cancelled (their callbacks got 'session closed')"
+        )
+        return
+    engine.abandon()
+    engine.close(wait=True, timeout=EXIT_GRACE_SECONDS)
+    lost = engine.undelivered()
+    message = (
+        "a session did not drain at exit; its queued tasks were cancelled and the tasks still "
+        "running were abandoned (reported as failed)"
+    )
+    if lost:
+        message += (
+            f"; {lost} run_async callback{'s' if lost != 1 else ''} did not complete: a "
+            "callback never returned, and those queued behind it were never delivered"
+        )
+    _say(message)
+
+
+def _say(message: str) -> None:
+    warnings.warn(f"ezrt: {message}", EzrtWarning, stacklevel=1)
 
 
 def _poison_after_fork() -> None:

@@ -9,6 +9,8 @@ completes a task.
 from __future__ import annotations
 
 import logging
+import sys
+import traceback
 from typing import Any, Callable, Optional, Protocol, Tuple
 
 from ..errors import DeadlineExceededError, PacingDropError, SessionClosedError
@@ -22,6 +24,7 @@ __all__ = [
     "call_completion",
     "finish",
     "outcome_of",
+    "report",
 ]
 
 logger = logging.getLogger("ezrt")
@@ -115,8 +118,36 @@ def finish(
 
 
 def call_completion(task: Task, result: Any, error: Optional[BaseException]) -> None:
-    """Run a task's completion; its exception is logged, never raised into an engine thread."""
+    """Run a task's completion; its exception is reported, never raised into an engine thread."""
     try:
         task.on_done(result, error)
-    except BaseException:
-        logger.exception("ezrt: a completion handler raised; the task is still complete")
+    except BaseException as exc:
+        report("ezrt: a completion handler raised; the task is still complete", exc)
+
+
+def report(message: str, error: BaseException) -> None:
+    """Say that user code raised on an engine thread, and go on.
+
+    Through the ``ezrt`` logger when the application has configured logging; otherwise on
+    stderr, as Python itself reports an exception in a thread (ezrt's logger has only a
+    ``NullHandler`` of its own, so an unconfigured application would otherwise never
+    hear of it).
+    """
+    if _logging_configured():
+        logger.error(message, exc_info=(type(error), error, error.__traceback__))
+        return
+    try:
+        print(message, file=sys.stderr)
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+    except Exception:  # stderr closed or gone (interpreter exit): nothing left to tell
+        pass
+
+
+def _logging_configured() -> bool:
+    """True when a record of the ``ezrt`` logger would reach a real handler."""
+    current: Optional[logging.Logger] = logger
+    while current is not None:
+        if any(not isinstance(h, logging.NullHandler) for h in current.handlers):
+            return True
+        current = current.parent if current.propagate else None
+    return False

@@ -12,7 +12,6 @@ returns, or the engine's exit path when it gives up on a task that never finishe
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import time
@@ -23,11 +22,9 @@ from .admission import ThreadRoles
 from .deadlines import expired_error
 from .dispatch import STOP, Pacing
 from .ledger import Ledger
-from .task import Finished, Task, finish
+from .task import Finished, Task, finish, report
 
 __all__ = ["Crew", "Runner", "RunnerFactory", "WorkerPool", "work"]
-
-logger = logging.getLogger("ezrt")
 
 
 class Runner(Protocol):
@@ -96,8 +93,8 @@ def work(
         crew.roles.workers.discard(ident)
         try:
             runner.close()
-        except Exception:
-            logger.exception("ezrt: closing a backend worker failed")
+        except Exception as exc:
+            report("ezrt: closing a backend worker failed", exc)
         crew.live.add(-1)
         crew.on_exit()
 
@@ -173,8 +170,8 @@ def _may_start(task: Task, ledger: Ledger, now: float, deliver: Callable[[Finish
     if task.on_start is not None:
         try:
             proceed = task.on_start()
-        except Exception:
-            logger.exception("ezrt: a task's start hook raised; the task is skipped")
+        except Exception as exc:
+            report("ezrt: a task's start hook raised; the task is skipped", exc)
             proceed = False
         if not proceed:
             task.payload = None
