@@ -66,6 +66,8 @@ class AsyncAdmission:
         if thread is not None:
             self._queue.put(None)
             if thread is not threading.current_thread():
+                if timeout is not None and timeout >= threading.TIMEOUT_MAX:
+                    timeout = None
                 thread.join(timeout)
 
 

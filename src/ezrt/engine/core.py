@@ -304,6 +304,8 @@ class Engine:
         return self._join(timeout)
 
     def _join(self, timeout: Optional[float]) -> bool:
+        if timeout is not None and timeout >= threading.TIMEOUT_MAX:
+            timeout = None  # longer than any wait can be: wait until done
         deadline = None if timeout is None else time.monotonic() + timeout
         me = threading.current_thread()
         threads = self.threads()
