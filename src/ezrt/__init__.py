@@ -8,9 +8,17 @@ Importing ezrt loads neither onnxruntime nor librknnrt; they load when a session
 
 from __future__ import annotations
 
-from typing import Any
-
 from ._version import __version__
+
+# --- RKNN at upstream 0.11 (issue 13): its option names and helpers, and one OrtValue /
+# IOBinding surface for both backends (onnxruntime's own objects on ONNX Runtime). Importing
+# these loads neither onnxruntime nor an NPU runtime.
+from .backends.rknn.options import (
+    Rknpu2ProviderOptions,
+    Rknpu3ProviderOptions,
+    make_rknpu2_provider_options,
+    make_rknpu3_provider_options,
+)
 from .engine.metrics import LatencyHistogram, SessionStats
 from .errors import (
     BackendUnavailableError,
@@ -28,7 +36,10 @@ from .errors import (
 )
 from .io import ModelMetadata, NodeArg
 from .options import ProviderOptions, RknnProviderOptions, make_provider_options
+from .ortvalue import IOBinding, OrtValue, SessionIOBinding
 from .session import InferenceSession
+
+# --- end of the RKNN 0.11 block
 
 __all__ = [
     "BackendUnavailableError",
@@ -49,23 +60,14 @@ __all__ = [
     "ProviderOptions",
     "ReentrancyError",
     "RknnProviderOptions",
+    "Rknpu2ProviderOptions",
+    "Rknpu3ProviderOptions",
     "SessionClosedError",
     "SessionIOBinding",
     "SessionStats",
     "SubmitTimeoutError",
     "__version__",
     "make_provider_options",
+    "make_rknpu2_provider_options",
+    "make_rknpu3_provider_options",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    """``OrtValue`` and ``IOBinding`` are ONNX Runtime's own; imported on first use."""
-    if name == "OrtValue":
-        from onnxruntime import OrtValue
-
-        return OrtValue
-    if name in ("IOBinding", "SessionIOBinding"):
-        from onnxruntime import IOBinding
-
-        return IOBinding
-    raise AttributeError(f"module 'ezrt' has no attribute {name!r}")

@@ -52,6 +52,10 @@ class TensorSpec:
     dtype: Optional[np.dtype] = None
     #: When ``dtype`` is None: the dtypes the backend converts itself (None = anything).
     accepts: Optional[Tuple[np.dtype, ...]] = None
+    #: RKNN: the tensor's layout name ("NCHW", "NHWC", "NC1HWC2", ...); "" when not known.
+    layout: str = ""
+    #: RKNN: element strides of a native tensor; () for a dense one.
+    strides: Tuple[int, ...] = ()
 
     @property
     def rank(self) -> Optional[int]:
@@ -65,12 +69,21 @@ class NodeArg:
     Shapes of inputs are the ones the caller must feed (with ``layout="nhwc"``, NHWC).
     """
 
-    __slots__ = ("_name", "_shape", "_type")
+    __slots__ = ("_layout", "_name", "_shape", "_strides", "_type")
 
-    def __init__(self, name: str, shape: Optional[Sequence[Dim]], type: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        shape: Optional[Sequence[Dim]],
+        type: str,
+        layout: str = "",
+        strides: Sequence[int] = (),
+    ) -> None:
         self._name = name
         self._shape = None if shape is None else list(shape)
         self._type = type
+        self._layout = layout
+        self._strides = list(strides)
 
     @property
     def name(self) -> str:
@@ -86,6 +99,17 @@ class NodeArg:
     def type(self) -> str:
         """The ONNX type string, e.g. ``tensor(float)``."""
         return self._type
+
+    @property
+    def layout(self) -> str:
+        """RKNN (upstream 0.11): the layout of ``shape`` ("NCHW", "NHWC", "NC1HWC2",
+        "UNDEFINED", ...); "" where the backend does not say."""
+        return self._layout
+
+    @property
+    def strides(self) -> List[int]:
+        """RKNN (upstream 0.11): element strides of a native tensor; [] for a dense one."""
+        return list(self._strides)
 
     def __repr__(self) -> str:
         return f"NodeArg(name={self._name!r}, type={self._type!r}, shape={self._shape!r})"
@@ -201,12 +225,15 @@ class FeedParser:
 
     def input_args(self) -> List[NodeArg]:
         return [
-            NodeArg(spec.name, shape, spec.type)
+            NodeArg(spec.name, shape, spec.type, spec.layout, spec.strides)
             for spec, shape in zip(self.inputs, self.user_shapes)
         ]
 
     def output_args(self) -> List[NodeArg]:
-        return [NodeArg(spec.name, spec.shape, spec.type) for spec in self.outputs]
+        return [
+            NodeArg(spec.name, spec.shape, spec.type, spec.layout, spec.strides)
+            for spec in self.outputs
+        ]
 
     # ------------------------------------------------------------------ outputs
 

@@ -54,9 +54,7 @@ from .options import (
 
 __all__ = ["InferenceSession", "is_rknn_model"]
 
-RKNN = "RKNNExecutionProvider"
 _ORT_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
-_RKNN_MAGICS = (b"RKNN", b"CYPTRKNN")
 
 Callback = Callable[[Optional[List[np.ndarray]], Any, str], None]
 Future = concurrent.futures.Future
@@ -66,8 +64,37 @@ ModelSource = Union[str, bytes, bytearray, memoryview, "os.PathLike[str]"]
 
 
 def is_rknn_model(head: bytes) -> bool:
-    """True when the bytes start like an RKNN model container."""
-    return head.startswith(_RKNN_MAGICS)
+    """True when the bytes start like an RKNN model container (RKNPU2 or RKNPU3)."""
+    from .backends import rknn
+
+    return rknn.model_family(head) is not None
+
+
+def _peek_head(path_or_bytes: Any) -> Optional[bytes]:
+    """The model's first bytes, or None when they cannot be read (the caller reports it)."""
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        return bytes(path_or_bytes[:16])
+    try:
+        with open(os.fspath(path_or_bytes), "rb") as handle:
+            return handle.read(16)
+    except (OSError, TypeError, ValueError):
+        return None
+
+
+def _open_rknn(path_or_bytes: Any, providers: Any, provider_options: Any, master: Any) -> Any:
+    """An RKNN backend when ``providers`` names an RKNN provider or the model's bytes are an
+    RKNN model (upstream 0.11's rules, in backends.rknn); None for anything else."""
+    from .backends import rknn
+
+    if rknn.requests_rknn(providers):
+        rknn.parse_request(providers, provider_options)  # 0.11: these errors precede the file
+    else:
+        head = _peek_head(path_or_bytes)
+        if head is None or rknn.model_family(head) is None:
+            return None
+    model, head = _load_model(path_or_bytes)
+    master_backend = master._backend if master is not None else None
+    return rknn.open_backend(model, head, providers, provider_options, share_with=master_backend)
 
 
 def describe_error(error: BaseException) -> str:
@@ -150,7 +177,7 @@ def _normalise_providers(providers: Any) -> List[Tuple[str, Dict[str, Any]]]:
             raise InvalidTypeError(
                 f"providers entries must be names or (name, dict) pairs (got {entry!r})"
             )
-    known = (*_ORT_PROVIDERS, RKNN)
+    known = _ORT_PROVIDERS
     for name, _ in normalised:
         if name not in known:
             raise InvalidArgumentError(
@@ -229,21 +256,28 @@ class InferenceSession:
                 "use_weight_from must be an InferenceSession or None "
                 f"(got {type(use_weight_from).__name__})"
             )
-        option_dicts = split_provider_options(provider_options)
-        chosen = None if providers is None else _normalise_providers(providers)
-        device = self._pick_provider(chosen)
-        config, foreign = parse_provider_options(
-            option_dicts[0] if option_dicts else None,
-            allow_foreign_keys=device == "CUDAExecutionProvider",
-        )
-        if use_weight_from is not None and config.wants_custom_ops:
-            raise InvalidArgumentError("use_weight_from cannot be combined with custom-op loading")
-        model, head = _load_model(path_or_bytes)
-        if device is None:
-            device = RKNN if is_rknn_model(head) else "CPUExecutionProvider"
-        self._config = config
         self._master = use_weight_from  # keeps the master alive while this session lives
-        self._backend = self._open_backend(model, device, config, sess_options, chosen, foreign)
+        rknn_backend = _open_rknn(path_or_bytes, providers, provider_options, use_weight_from)
+        config: SessionConfig
+        if rknn_backend is not None:
+            self._backend: Backend = rknn_backend
+            config = rknn_backend.config
+        else:
+            option_dicts = split_provider_options(provider_options)
+            chosen = None if providers is None else _normalise_providers(providers)
+            device = self._pick_provider(chosen)
+            config, foreign = parse_provider_options(
+                option_dicts[0] if option_dicts else None,
+                allow_foreign_keys=device == "CUDAExecutionProvider",
+            )
+            if use_weight_from is not None and config.wants_custom_ops:
+                raise InvalidArgumentError(
+                    "use_weight_from cannot be combined with custom-op loading"
+                )
+            model, _ = _load_model(path_or_bytes)
+            device = device or "CPUExecutionProvider"
+            self._backend = self._open_backend(model, device, config, sess_options, chosen, foreign)
+        self._config = config
         try:
             self._parser = FeedParser(
                 self._backend.inputs,
@@ -278,8 +312,6 @@ class InferenceSession:
         if chosen is None or not chosen:
             return None
         names = [name for name, _ in chosen]
-        if RKNN in names:
-            return RKNN
         if "CUDAExecutionProvider" in names:
             from .backends.onnxruntime import available_providers
 
@@ -303,17 +335,6 @@ class InferenceSession:
         foreign: Dict[str, Any],
     ) -> Backend:
         master_backend = self._master._backend if self._master is not None else None
-        if device == RKNN:
-            from .backends.rknn.backend import RknnBackend
-
-            if master_backend is not None and not isinstance(master_backend, RknnBackend):
-                raise InvalidArgumentError(
-                    "use_weight_from must be a session on the same backend as this one"
-                )
-            if isinstance(model, str):
-                with open(model, "rb") as handle:
-                    model = handle.read()
-            return RknnBackend(model, config, share_with=master_backend)
         from .backends.onnxruntime import OrtBackend
 
         ep_options = dict(foreign)
@@ -661,15 +682,39 @@ class InferenceSession:
     # ------------------------------------------------------------------ zero copy
 
     def io_binding(self) -> Any:
-        """An ``onnxruntime.IOBinding`` on this session's model (ONNX Runtime backend)."""
+        """A new IOBinding on this session (ONNX Runtime's own on that backend; on RKNN, the
+        zero-copy binding of upstream 0.11)."""
         backend = self._backend
+        if hasattr(backend, "bound_payload"):  # RKNN
+            return backend.io_binding(self)  # type: ignore[attr-defined]
         if not hasattr(backend, "io_binding"):
             raise EzrtError("io_binding is not available on this backend")
         return backend.io_binding()
 
+    def get_native_inputs(self) -> List[NodeArg]:
+        """RKNN: the inputs as zero copy binds them (native dims, type, layout, strides);
+        elsewhere the same as :meth:`get_inputs`."""
+        native = getattr(self._backend, "native_inputs", None)
+        return native() if native is not None else self.get_inputs()
+
+    def get_native_outputs(self) -> List[NodeArg]:
+        """RKNN: the outputs as zero copy binds them; elsewhere :meth:`get_outputs`."""
+        native = getattr(self._backend, "native_outputs", None)
+        return native() if native is not None else self.get_outputs()
+
     def run_with_iobinding(self, iobinding: Any, run_options: Any = None) -> None:
-        """Run synchronously on the calling thread with bound inputs and outputs."""
+        """Run with bound inputs and outputs and wait for it. On RKNN the run is a task on
+        the session's workers (any worker, its own context), like ``run``."""
         backend = self._backend
+        if hasattr(backend, "bound_payload"):  # RKNN
+            engine = self._live_engine()
+            _dispatch_batch(run_options)  # checked as upstream, then not used
+            payload = backend.bound_payload(iobinding, run_options)
+            engine.assert_may_block("run_with_iobinding")
+            outcome = _Outcome()
+            engine.submit(payload, outcome, delivered=False, what="run_with_iobinding")
+            outcome.value()
+            return
         if not hasattr(backend, "run_with_iobinding"):
             raise EzrtError("run_with_iobinding is not available on this backend")
         if self._live_engine().closed:

@@ -5,7 +5,8 @@ A native tensor is described by its layout name, its native dims and its element
 as they are otherwise. Three mappings exist:
 
 * ``identity``: logical dims are the native dims (any strides);
-* ``nhwc``: native ``[N, H, W, C]`` holds a logical NCHW ``[N, C, H, W]``;
+* ``nchw`` / ``nhwc``: native ``[N, C, H, W]`` / ``[N, H, W, C]`` holds a 4-D logical array
+  (NCHW, or NHWC with ``logical_order="NHWC"``);
 * ``nc1hwc2``: native ``[N, C1, H, W, C2]`` holds logical NCHW ``[N, C, H, W]``, channel
   ``c`` at ``(c // C2, c % C2)``; channels ``C..C1*C2-1`` are padding (written as zeros).
 
@@ -21,13 +22,20 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from ...errors import EzrtError
+
 __all__ = [
     "NativeLayout",
+    "OpaqueLayoutError",
     "dense_strides",
     "nc1hwc2_to_nchw",
     "nchw_to_nc1hwc2",
     "span_bytes",
 ]
+
+
+class OpaqueLayoutError(EzrtError):
+    """The tensor's strides cannot be mapped to a numpy view."""
 
 
 def dense_strides(dims: Sequence[int]) -> Tuple[int, ...]:
@@ -59,8 +67,13 @@ class NativeLayout:
     dtype: np.dtype
     #: The logical (user-facing) shape.
     logical: Tuple[int, ...]
-    #: "identity", "nhwc" or "nc1hwc2": how logical maps onto native.
+    #: "identity", "nchw", "nhwc" or "nc1hwc2": how the logical array maps onto native.
     mapping: str = "identity"
+    #: For 4-D mappings: the order of the logical dims, "NCHW" (usual) or "NHWC".
+    logical_order: str = "NCHW"
+    #: The runtime reported strides ezrt cannot map (RKNPU3 ``n_stride != n_dims``): the
+    #: buffer is only reachable through ``data_ptr`` and the reported strides.
+    opaque: bool = False
 
     @property
     def itemsize(self) -> int:
@@ -90,24 +103,62 @@ class NativeLayout:
             strides=tuple(s * self.itemsize for s in self.strides),
         )
 
+    def _to_nchw(self, array: np.ndarray) -> np.ndarray:
+        return array.transpose(0, 3, 1, 2) if self.logical_order == "NHWC" else array
+
+    def _from_nchw(self, array: np.ndarray) -> np.ndarray:
+        return array.transpose(0, 2, 3, 1) if self.logical_order == "NHWC" else array
+
     def read(self, buffer: memoryview) -> np.ndarray:
         """The logical array, copied out of the native buffer."""
+        if self.opaque:
+            raise OpaqueLayoutError(
+                "numpy/copy for an internally-strided RKNPU3 tensor is not implemented; access "
+                "the native buffer and reported strides"
+            )
         native = self.view(buffer)
         if self.mapping == "nhwc":
-            return np.ascontiguousarray(native.transpose(0, 3, 1, 2))
-        if self.mapping == "nc1hwc2":
-            return nc1hwc2_to_nchw(native, self.logical[1])
-        return np.array(native, copy=True, order="C")
+            nchw = native.transpose(0, 3, 1, 2)
+        elif self.mapping == "nchw":
+            nchw = native
+        elif self.mapping == "nc1hwc2":
+            n, c, h, w = self._nchw_shape()
+            nchw = nc1hwc2_to_nchw(native, c)[:n, :, :h, :w]
+        else:
+            return np.array(native, copy=True, order="C")
+        return np.ascontiguousarray(self._from_nchw(nchw))
 
     def write(self, buffer: memoryview, array: np.ndarray) -> None:
-        """Write a logical array (already of ``logical`` shape and ``dtype``) into place."""
+        """Write a logical array (already of ``logical`` shape and ``dtype``) into place;
+        NC1HWC2 padding (extra channels, and rows or columns beyond a smaller logical
+        tensor) is zeroed."""
+        if self.opaque:
+            raise OpaqueLayoutError(
+                "update_inplace for an internally-strided RKNPU3 tensor is not implemented; "
+                "write the native buffer via data_ptr using the reported strides"
+            )
         native = self.view(buffer)
         if self.mapping == "nhwc":
-            native[...] = array.transpose(0, 2, 3, 1)
+            native[...] = self._to_nchw(array).transpose(0, 2, 3, 1)
+        elif self.mapping == "nchw":
+            native[...] = self._to_nchw(array)
         elif self.mapping == "nc1hwc2":
-            native[...] = nchw_to_nc1hwc2(array, native.shape[1], native.shape[4])
+            nchw = self._to_nchw(array)
+            n, _, h, w = nchw.shape
+            packed = nchw_to_nc1hwc2(nchw, native.shape[1], native.shape[4])
+            if packed.shape == native.shape:
+                native[...] = packed
+            else:
+                native[...] = 0
+                native[:n, :, :h, :w, :] = packed
         else:
             native[...] = array.reshape(native.shape)
+
+    def _nchw_shape(self) -> Tuple[int, ...]:
+        shape = self.logical
+        if self.logical_order == "NHWC":
+            return (shape[0], shape[3], shape[1], shape[2])
+        return shape
 
 
 def nchw_to_nc1hwc2(array: np.ndarray, c1: Optional[int], c2: int) -> np.ndarray:
