@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import threading
@@ -26,85 +25,16 @@ from ezrt.backends.rknn import abi
 from ezrt.backends.rknn.container import parse_container
 
 from .conftest import WAIT, Collector
+from .rknn_double.harness import Double, doubles, fake_model, needs_cc, npu
 
-HERE = pathlib.Path(__file__).parent / "rknn_double"
+__all__ = ["doubles", "npu"]  # fixtures used here
+
 SAMPLES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "rknn"
-CC = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
-pytestmark = pytest.mark.skipif(
-    CC is None, reason="needs a C compiler to build the librknnrt double"
-)
+pytestmark = needs_cc
 
 F32, U8, I8 = 0, 3, 2
 NCHW, NHWC, UNDEF = 0, 1, 3
-
-
-def _compile(source: pathlib.Path, out: pathlib.Path, *flags: str) -> str:
-    subprocess.run(
-        [
-            CC,
-            "-shared",
-            "-fPIC",
-            "-O2",
-            "-Wall",
-            *flags,
-            "-o",
-            str(out),
-            str(source),
-            "-lm",
-            "-lpthread",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return str(out)
-
-
-@pytest.fixture(scope="session")
-def doubles(tmp_path_factory):
-    build = tmp_path_factory.mktemp("rknn")
-    (build / "old").mkdir()
-    return {
-        "current": _compile(HERE / "fake_rknnrt.c", build / "librknnrt.so"),
-        "old": _compile(
-            HERE / "fake_rknnrt.c", build / "old" / "librknnrt.so", "-DFAKE_RKNN_OLD_RUNTIME"
-        ),
-        "plugin": _compile(
-            HERE / "plugin.c", build / "librkcst_myop.so", '-DPLUGIN_OP_TYPE="MyOp"'
-        ),
-        "plugin2": _compile(
-            HERE / "plugin.c", build / "librkcst_other.so", '-DPLUGIN_OP_TYPE="Other"'
-        ),
-    }
-
-
-class Double:
-    """The loaded double: its counters, for leak checks."""
-
-    def __init__(self, path: str) -> None:
-        self.lib = ctypes.CDLL(path)
-        self.lib.fake_rknn_counter.restype = ctypes.c_long
-        self.lib.fake_rknn_counter.argtypes = [ctypes.c_char_p]
-
-    def __getitem__(self, name: str) -> int:
-        return int(self.lib.fake_rknn_counter(name.encode()))
-
-    def reset(self) -> None:
-        self.lib.fake_rknn_reset()
-
-
-@pytest.fixture
-def npu(doubles, monkeypatch):
-    monkeypatch.setenv(abi.LIBRARY_ENV, doubles["current"])
-    double = Double(doubles["current"])
-    double.reset()
-    yield double
-    assert double["live"] == 0, "an RKNN context leaked"
-    assert double["outputs_alloc"] == double["outputs_free"]
-
-
-def fake_model(*lines: str) -> bytes:
-    return b"RKNN\0\0\0\0" + b"FAKE-RKNN\n" + "\n".join(lines).encode() + b"\n"
 
 
 IMAGE = fake_model(
@@ -143,10 +73,11 @@ def test_importing_ezrt_does_not_load_the_runtime():
 
 
 def test_missing_runtime_says_how_to_install_it(monkeypatch, tmp_path):
-    monkeypatch.setenv(abi.LIBRARY_ENV, str(tmp_path / "librknnrt.so"))
+    monkeypatch.setenv(abi.RUNTIME_ENV, str(tmp_path / "librknnrt.so"))
     with pytest.raises(
         ezrt.BackendUnavailableError,
-        match=r"librknnrt\.so was not found .*Install Rockchip's NPU runtime",
+        match=r"librknnrt\.so was not found \(from ZTU_RKNPU2_RUNTIME_LIBRARY\)\. Tried: "
+        r".*librknnrt\.so: no such file.*Install Rockchip's NPU runtime",
     ):
         ezrt.InferenceSession(IMAGE)
 
@@ -184,7 +115,7 @@ def test_container_parsing_of_real_rockchip_samples():
 
 @pytest.mark.skipif(not SAMPLES.is_dir(), reason="shared/data/rknn samples not present")
 def test_ezrt_info_reads_an_rknn_file_without_any_runtime(monkeypatch):
-    env = {**os.environ, abi.LIBRARY_ENV: "/nonexistent/librknnrt.so"}
+    env = {**os.environ, abi.RUNTIME_ENV: "/nonexistent/librknnrt.so"}
     out = subprocess.run(
         [sys.executable, "-m", "ezrt", "info", str(SAMPLES / "multiple_input_demo_rk3562.rknn")],
         capture_output=True,
@@ -386,7 +317,7 @@ def test_dynamic_shapes_are_validated_against_the_allowed_ranges(npu):
 
 
 def test_an_old_runtime_lacking_a_function_says_which_and_since_when(doubles, monkeypatch):
-    monkeypatch.setenv(abi.LIBRARY_ENV, doubles["old"])
+    monkeypatch.setenv(abi.RUNTIME_ENV, doubles["old"])
     double = Double(doubles["old"])
     double.reset()
     dynamic = fake_model(
@@ -426,7 +357,7 @@ def test_custom_op_plugins(npu, doubles, tmp_path):
 
 
 def test_custom_ops_need_a_runtime_that_can_register_them(doubles, monkeypatch):
-    monkeypatch.setenv(abi.LIBRARY_ENV, doubles["old"])
+    monkeypatch.setenv(abi.RUNTIME_ENV, doubles["old"])
     with (
         pytest.warns(UserWarning),
         pytest.raises(ezrt.BackendUnavailableError, match="rknn_register_custom_ops is missing"),
