@@ -420,8 +420,7 @@ int rknn3_destroy(Context ctx) {
     }
     ctx_t *c = *link;
     if (c->busy) fm_violation("rknn3_destroy: context destroyed while a thread is in rknn3_run");
-    int leaked = fm_live_of(ctx);
-    if (leaked) fm_violation("rknn3_destroy: context destroyed with %d memories not destroyed", leaked);
+    fm_reclaim(ctx, &counters[C_MEMS_LIVE], "rknn3_destroy");
     *link = c->next;
     for (int i = 0; i < MAX_IO; i++) free(c->x[i]);
     free(c->model);

@@ -520,8 +520,7 @@ int rknn_destroy(rknn_context context) {
     }
     ctx_t *c = *link;
     if (c->busy) fm_violation("rknn_destroy: context destroyed while a thread is in rknn_run");
-    int leaked = fm_live_of(context);
-    if (leaked) fm_violation("rknn_destroy: context destroyed with %d memories not destroyed", leaked);
+    fm_reclaim(context, &counters[C_MEMS_LIVE], "rknn_destroy");
     *link = c->next;
     if (--(*c->model_refs) == 0) {
         free(c->model);
