@@ -279,7 +279,7 @@ def test_factory_errors(npu):
             ),
             (
                 lambda: dmabuf(3, [1, 8], f32, size=16, **a),
-                "dma-buf of 16 bytes is too small for input 'a'",
+                "invalid dma-buf: dma-buf of 16 bytes is too small for input 'a'",
             ),
             (
                 lambda: dmabuf(3, [1, 7], f32, size=32, **a),

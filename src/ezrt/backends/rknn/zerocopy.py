@@ -230,18 +230,19 @@ def value_from_dmabuf(
     for label, number in (("fd", fd), ("size", size), ("offset", offset)):
         if isinstance(number, bool) or not isinstance(number, (int, np.integer)):
             raise InvalidTypeError(f"dma-buf {label} must be an integer (got {number!r})")
-    if fd < 0 or offset < 0 or size <= 0:
-        raise InvalidArgumentError(
-            f"invalid dma-buf: fd {fd}, size {size}, offset {offset} (fd and offset must be "
-            ">= 0, size > 0)"
-        )
+    need = spec.alloc_bytes if zc.family == "rknpu3" else spec.layout.nbytes
+    if fd < 0 or offset < 0 or size <= 0 or size < need:
+        what = "invalid or too-small dma-buf for RKNPU3 tensor: " if zc.family == "rknpu3" else ""
+        if fd < 0 or offset < 0 or size <= 0:
+            detail = f"fd {fd}, size {size}, offset {offset} (fd and offset must be >= 0)"
+        else:
+            detail = (
+                f"dma-buf of {size} bytes is too small for {io_kind} '{spec.name}': its native "
+                f"{spec.layout.name} tensor needs {need}"
+            )
+        raise InvalidArgumentError(f"{what or 'invalid dma-buf: '}{detail}")
     if zc.family == "rknpu2" and size > 0xFFFFFFFF:
         raise InvalidArgumentError(f"dma-buf size is too large for RKNPU2 (got {size})")
-    if size < spec.layout.nbytes:
-        raise InvalidArgumentError(
-            f"dma-buf of {size} bytes is too small for {io_kind} '{spec.name}': its native "
-            f"{spec.layout.name} tensor needs {spec.layout.nbytes}"
-        )
     if virt_addr is not None and (isinstance(virt_addr, bool) or not isinstance(virt_addr, int)):
         raise InvalidTypeError(f"virt_addr must be an integer address or None (got {virt_addr!r})")
     memory = zc.import_dmabuf(spec, int(fd), int(size), int(offset), virt_addr)
