@@ -656,3 +656,14 @@ def test_the_double_sees_a_missing_sync_in_the_numbers(forgiving_npu):
     for mem in mems:
         destroy(ctx.value, mem)
     rt.rknn_destroy(ctx.value)
+
+
+def test_memory_without_a_dmabuf_fd_runs_on_the_context_that_allocated_it(npu):
+    dims = (1, 6)
+    with session(add_model(F32, dims, "no_mem_fd"), schedule=[0, 1]) as s:
+        a, b = feeds(F32, dims)
+        value = ezrt.OrtValue.ortvalue_from_numpy(a, "rknpu2", session=s, name="a", io_kind="input")
+        assert value.memory_info()["fd"] == -1 and not value.memory_info()["dmabuf_backed"]
+        for _ in range(3):
+            np.testing.assert_array_equal(bound_run(s, a, b), expected_sum(a, b))
+    assert npu["mem_imports"] == 0  # nothing imported: every bound run used the home context

@@ -19,6 +19,8 @@
  *   fail_run_value V               rknn_run fails (-1) when input 0's first element equals V
  *   w_align N                      native (zero-copy) rows are padded to a multiple of N elements
  *   mix OUTPUT INPUT COEF          output OUTPUT also adds COEF * input INPUT (e.g. an Add model)
+ *   no_mem_fd                      rknn_create_mem reports fd -1 (memory no other context can
+ *                                  import; some runtimes allocate that way)
  * TYPE/FMT/QNT are the integer enum values of the ABI.
  *
  * Zero copy (rknn_create_mem*, rknn_create_mem_from_fd, rknn_set_io_mem, rknn_mem_sync,
@@ -150,6 +152,7 @@ typedef struct {
     int has_fail_value;
     float fail_value;
     uint32_t w_align;
+    int no_mem_fd;
 } model_t;
 
 typedef struct ctx_s {
@@ -323,6 +326,7 @@ static int parse_model(const char *data, uint32_t size, model_t *m) {
         else if (strcmp(word, "sdk_version") == 0) snprintf(m->sdk_version, 256, "%s", rest);
         else if (strcmp(word, "fail_init") == 0) m->fail_init = atoi(rest);
         else if (strcmp(word, "w_align") == 0) m->w_align = (uint32_t)atoi(rest);
+        else if (strcmp(word, "no_mem_fd") == 0) m->no_mem_fd = 1;
         else if (strcmp(word, "fail_run_value") == 0) {
             m->has_fail_value = 1;
             m->fail_value = (float)atof(rest);
@@ -889,6 +893,7 @@ static rknn_tensor_mem *create(rknn_context context, uint64_t size, const char *
         fm_mem *rec = fm_create(context, mem, (size_t)size);
         if (rec) {
             new_handle(rec, 1 /* RKNN_TENSOR_MEMORY_FLAGS_ALLOC_INSIDE */);
+            if (c->model->no_mem_fd) mem->fd = -1;
             counters[C_MEM_CREATES]++;
             counters[C_MEMS_LIVE]++;
         } else {

@@ -311,15 +311,17 @@ class RknnBackend:
         ctx = abi.Context(0)
         data = ctypes.create_string_buffer(self._model, len(self._model))
         if self._master is not None:
+            master = self._master._slots[0]
             extend = abi.InitExtend()
-            extend.ctx = self._master._slots[0].ctx
-            code = self.rt.rknn_init(
-                ctypes.byref(ctx),
-                data,
-                len(self._model),
-                abi.FLAG_SHARE_WEIGHT_MEM,
-                ctypes.byref(extend),
-            )
+            extend.ctx = master.ctx
+            with master:  # the master's context lends its weights: nobody else drives it now
+                code = self.rt.rknn_init(
+                    ctypes.byref(ctx),
+                    data,
+                    len(self._model),
+                    abi.FLAG_SHARE_WEIGHT_MEM,
+                    ctypes.byref(extend),
+                )
         else:
             code = self.rt.rknn_init(ctypes.byref(ctx), data, len(self._model), 0, None)
         abi.check("rknn_init", code)
@@ -833,14 +835,26 @@ class RknnBackend:
             os.close(owned)
             raise
         memory = Memory(
-            self._ops, home, handle, size=size, owned_fd=owned, mapping=mapping, dmabuf=True
+            self._ops,
+            home,
+            handle,
+            size=size,
+            owned_fd=owned,
+            mapping=mapping,
+            dmabuf=True,
+            where=(owned, address, offset),  # what the caller gave, whatever the runtime echoes
         )
         self._track(memory)
         return memory
 
     def run_bound(self, run: BoundRun, index: int) -> None:
-        """One bound inference on worker ``index``'s zero-copy context."""
-        slot = self._bound_slot(index)
+        """One bound inference on worker ``index``'s zero-copy context (or, when a buffer
+        has no dma-buf fd to import elsewhere, on the home context that allocated it)."""
+        values = [value for _, value in (*run.inputs, *run.outputs)]
+        if any(v.memory.fd < 0 and v.memory.home.owner is self for v in values):
+            slot = self._home_slot()
+        else:
+            slot = self._bound_slot(index)
         rt = self.rt
         set_io = rt.optional("rknn_set_io_mem")
         with slot:

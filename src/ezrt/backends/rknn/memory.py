@@ -26,7 +26,7 @@ import os
 import threading
 from collections import deque
 from functools import partial
-from typing import Any, Callable, Deque, Dict, List, Optional, Protocol
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Tuple
 
 from ...errors import EzrtError, SessionClosedError
 
@@ -122,6 +122,7 @@ class Memory:
         owned_fd: Optional[int] = None,
         mapping: Optional[mmap.mmap] = None,
         dmabuf: bool = False,
+        where: Optional[Tuple[int, int, int]] = None,
     ) -> None:
         self.ops = ops
         self.home = home
@@ -129,9 +130,13 @@ class Memory:
         self.handles: Dict[ContextSlot, Any] = {home: handle}
         facts = ops.describe(handle)
         self.size = size
-        self.fd = facts["fd"]
-        self.offset = facts["offset"]
-        self.virt_addr = facts["virt_addr"]
+        #: (fd, virt_addr, offset) to import the buffer elsewhere: the caller's for a dma-buf,
+        #: else what the runtime reports for its allocation.
+        self.fd, self.virt_addr, self.offset = where or (
+            facts["fd"],
+            facts["virt_addr"],
+            facts["offset"],
+        )
         self.address = self.virt_addr + self.offset  # where the CPU sees the first byte
         self.dmabuf = dmabuf
         self._owned_fd = owned_fd

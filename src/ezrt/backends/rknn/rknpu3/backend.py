@@ -461,7 +461,14 @@ class Rknpu3Backend:
                 self._memories.add(memory)
         return memory
 
-    def _adopt(self, handle: Any, spec: IoSpec, owned: Optional[int], mapping: Any) -> Memory:
+    def _adopt(
+        self,
+        handle: Any,
+        spec: IoSpec,
+        owned: Optional[int],
+        mapping: Any,
+        where: Optional[Tuple[int, int, int]] = None,
+    ) -> Memory:
         facts = self._ops.describe(handle)
         if not facts["virt_addr"] or facts["size"] < spec.layout.nbytes:
             with self._slot:
@@ -475,6 +482,7 @@ class Rknpu3Backend:
             owned_fd=owned,
             mapping=mapping,
             dmabuf=owned is not None,
+            where=where,
         )
 
     def import_dmabuf(
@@ -504,7 +512,7 @@ class Rknpu3Backend:
                 mapping.close()
             os.close(owned)
             raise
-        memory = self._adopt(handle, spec, owned, mapping)
+        memory = self._adopt(handle, spec, owned, mapping, (owned, address, offset))
         with self._lock:
             self._memories.add(memory)
         return memory
