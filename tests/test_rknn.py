@@ -417,3 +417,27 @@ def test_close_releases_everything_while_tasks_run(npu):
     closer.join(WAIT)
     assert not closer.is_alive()
     assert len(collector.wait_for(20)) == 20
+
+
+# ---------------------------------------------------------------- upstream 0.11's copy-path tests
+
+
+def test_model_bytes_with_run_async_and_run_pipeline(npu):
+    add = fake_model(
+        f"input x {F32} {UNDEF} 2 1 4",
+        f"input y {F32} {UNDEF} 2 1 4",
+        f"output z {F32} 0 0 1.0 1.0 0.0 2 1 4",
+        "mix 0 1 1.0",
+    )
+    x, y = np.arange(4, dtype=np.float32).reshape(1, 4), np.full((1, 4), 10, np.float32)
+    collector = Collector()
+    with ezrt.InferenceSession(add) as s:  # bytes, not a path
+        s.run_async(None, {"x": x, "y": y}, collector, "tag")
+        ((outputs, user, err),) = collector.wait_for(1)
+        assert (user, err) == ("tag", "") and outputs[0].tolist() == (x + y).tolist()
+        assert s.run_pipeline({"x": x, "y": y}, depth=1, reset=True) is None
+        (z,) = s.run_pipeline({"x": x, "y": y}, depth=1)
+        assert z.tolist() == (x + y).tolist()
+        batch = {"x": np.concatenate([x, 2 * x]), "y": np.concatenate([y, y])}
+        (joined,) = s.run(None, batch, {"ztu_modelrt_dispatch_batch": True})
+        assert joined.tolist() == (batch["x"] + batch["y"]).tolist()

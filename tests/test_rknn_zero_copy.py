@@ -348,6 +348,12 @@ def test_cpu_ortvalues_are_onnxruntimes_and_bind_by_copy(npu):
     x = np.arange(8, dtype=np.float32).reshape(1, 8)
     plain = ezrt.OrtValue.ortvalue_from_numpy(x)
     assert type(plain) is onnxruntime.OrtValue and isinstance(plain, ezrt.OrtValue)
+    assert issubclass(onnxruntime.OrtValue, ezrt.OrtValue)
+    typed = ezrt.OrtValue.ortvalue_from_shape_and_type([2], np.int64)
+    assert type(typed) is onnxruntime.OrtValue and typed.shape() == [2]
+    # other class attributes are onnxruntime's own
+    assert ezrt.OrtValue.ortvalue_from_numpy_with_onnx_type is not None
+    assert not isinstance(x, ezrt.OrtValue)
     with session(add_model(F32, (1, 8))) as s:
         binding = s.io_binding()
         assert isinstance(binding, ezrt.SessionIOBinding) and isinstance(binding, ezrt.IOBinding)

@@ -184,6 +184,11 @@ def test_iobinding_with_the_nchw_path_read_back_right(npu3, model_path):
         assert (info["fmt"], info["layout"], info["aligned_size"]) == (3, "NC1HWC2", 512)
         assert info["strides"] == [256, 256, 64, 8, 1] and info["w_stride"] == 0
         binding = s.io_binding()
+        with pytest.raises(
+            ezrt.InvalidArgumentError,
+            match="All RKNPU3 model inputs must be bound before run_with_iobinding",
+        ):
+            s.run_with_iobinding(binding)
         binding.bind_ortvalue_input("x", value)
         s.run_with_iobinding(binding)
         (y,) = binding.get_outputs()  # auto-bound, returned

@@ -223,8 +223,9 @@ class RknnIOBinding:
                 self._outputs[spec.index] = new_value(zc, self._backend, spec.name, "output")
         missing = [s.name for s in zc.inputs if s.index not in self._inputs]
         if missing:
+            which = "RKNPU3 model" if zc.family == "rknpu3" else "model"
             raise InvalidArgumentError(
-                "All model inputs must be bound before run_with_iobinding "
+                f"All {which} inputs must be bound before run_with_iobinding "
                 f"(not bound: {', '.join(missing)})"
             )
         inputs: Tuple[Tuple[IoSpec, RknnOrtValue], ...] = tuple(
