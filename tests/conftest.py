@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -13,6 +14,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ezrt.backends import onnxruntime as ort_backend
+
+# The NPU doubles' fixtures, for every test file (a test's subprocess script that imports
+# this file as a plain module does not need them).
+with contextlib.suppress(ImportError):
+    from .rknn_double.harness import doubles, npu, npu3  # noqa: F401
 
 FLOAT = TensorProto.FLOAT
 INT64 = TensorProto.INT64

@@ -12,11 +12,10 @@ import sys
 import pytest
 
 import ezrt
-from ezrt.backends.rknn import abi
 from ezrt.bench import demo_model_path
 from ezrt.cli import Progress, _provider_arg, _shape_arg, main
 
-from .test_rknn import CC, HERE, IMAGE, _compile
+from .test_rknn import IMAGE
 
 
 def ezrt_cmd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -279,17 +278,14 @@ def test_progress_is_live_on_a_terminal_and_silent_when_disabled(monkeypatch):
 # ---------------------------------------------------------------- RKNN through the C double
 
 
-@pytest.mark.skipif(CC is None, reason="needs a C compiler (cc, gcc or $CC) for the double")
-def test_bench_on_the_npu_double(tmp_path, monkeypatch, capsys):
-    library = _compile(HERE / "fake_rknnrt.c", tmp_path / "librknnrt.so")
-    monkeypatch.setenv(abi.LIBRARY_ENV, library)
+def test_bench_on_the_npu_double(npu, tmp_path, capsys):
     model = tmp_path / "model.rknn"
     model.write_bytes(IMAGE)
     quick = ["--duration", "0.1", "--warmup", "0.02", "--min-count", "10", "--max-trials", "1"]
     assert main(["bench", str(model), "--workers", "3", "--compare", *quick, "--json", "-"]) == 0
     captured = capsys.readouterr()
     (run,) = json.loads(captured.out)["runs"]
-    assert run["provider"] == "RKNNExecutionProvider"
+    assert run["provider"] == "RKNPU2ExecutionProvider"  # upstream 0.11's canonical name
     assert run["options"]["schedule"] == [0, 1, 2]  # NPU cores, not CPU ids
     assert len(run["worker_utilisation"]) == 3 and run["tasks"] >= 10
     assert "not for RKNN models" in captured.err and "compare_samples_per_s" not in run

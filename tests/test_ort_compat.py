@@ -445,7 +445,11 @@ def test_onnxruntimes_names_are_reexported():
     assert GraphOptimizationLevel is ort.GraphOptimizationLevel
     assert get_available_providers is ort.get_available_providers
     assert get_device is ort.get_device and InferenceSession is ezrt.InferenceSession
-    assert ezrt.OrtValue is ort.OrtValue and ezrt.ExecutionMode is ort.ExecutionMode
+    assert ezrt.ExecutionMode is ort.ExecutionMode
+    # OrtValue serves both backends; on ONNX Runtime its values are onnxruntime's own
+    value = ezrt.OrtValue.ortvalue_from_numpy(ones())
+    assert type(value) is ort.OrtValue and isinstance(value, ezrt.OrtValue)
+    assert isinstance(ort.OrtValue.ortvalue_from_numpy(ones()), ezrt.OrtValue)
     with pytest.raises(AttributeError):
         ezrt.no_such_name  # noqa: B018
 

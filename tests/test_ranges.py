@@ -89,7 +89,10 @@ def test_every_option_takes_extreme_values_or_names_itself_promptly(add_model):
     slow = []
     for key in (*SUPPORTED_KEYS, "bogus_key"):
         for value in EXTREMES:
-            elapsed = _timed(lambda k=key, v=value: _accepted_or_named(add_model, k, v))
+            case = lambda k=key, v=value: _accepted_or_named(add_model, k, v)  # noqa: E731
+            elapsed = _timed(case)
+            if elapsed > bound:  # a busy machine, or slow by nature? the best of three says
+                elapsed = min(elapsed, _timed(case), _timed(case))
             if elapsed > bound:
                 slow.append((key, value, round(elapsed, 3)))
     assert not slow, f"slower than 20 x a plain session ({bound:.3f} s): {slow}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import threading
@@ -26,85 +25,16 @@ from ezrt.backends.rknn import abi
 from ezrt.backends.rknn.container import parse_container
 
 from .conftest import WAIT, Collector
+from .rknn_double.harness import Double, doubles, fake_model, needs_cc, npu
 
-HERE = pathlib.Path(__file__).parent / "rknn_double"
+__all__ = ["doubles", "npu"]  # fixtures used here
+
 SAMPLES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "rknn"
-CC = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
-pytestmark = pytest.mark.skipif(
-    CC is None, reason="needs a C compiler (cc, gcc or $CC) to build the librknnrt double"
-)
+pytestmark = needs_cc
 
 F32, U8, I8 = 0, 3, 2
 NCHW, NHWC, UNDEF = 0, 1, 3
-
-
-def _compile(source: pathlib.Path, out: pathlib.Path, *flags: str) -> str:
-    subprocess.run(
-        [
-            CC,
-            "-shared",
-            "-fPIC",
-            "-O2",
-            "-Wall",
-            *flags,
-            "-o",
-            str(out),
-            str(source),
-            "-lm",
-            "-lpthread",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return str(out)
-
-
-@pytest.fixture(scope="session")
-def doubles(tmp_path_factory):
-    build = tmp_path_factory.mktemp("rknn")
-    (build / "old").mkdir()
-    return {
-        "current": _compile(HERE / "fake_rknnrt.c", build / "librknnrt.so"),
-        "old": _compile(
-            HERE / "fake_rknnrt.c", build / "old" / "librknnrt.so", "-DFAKE_RKNN_OLD_RUNTIME"
-        ),
-        "plugin": _compile(
-            HERE / "plugin.c", build / "librkcst_myop.so", '-DPLUGIN_OP_TYPE="MyOp"'
-        ),
-        "plugin2": _compile(
-            HERE / "plugin.c", build / "librkcst_other.so", '-DPLUGIN_OP_TYPE="Other"'
-        ),
-    }
-
-
-class Double:
-    """The loaded double: its counters, for leak checks."""
-
-    def __init__(self, path: str) -> None:
-        self.lib = ctypes.CDLL(path)
-        self.lib.fake_rknn_counter.restype = ctypes.c_long
-        self.lib.fake_rknn_counter.argtypes = [ctypes.c_char_p]
-
-    def __getitem__(self, name: str) -> int:
-        return int(self.lib.fake_rknn_counter(name.encode()))
-
-    def reset(self) -> None:
-        self.lib.fake_rknn_reset()
-
-
-@pytest.fixture
-def npu(doubles, monkeypatch):
-    monkeypatch.setenv(abi.LIBRARY_ENV, doubles["current"])
-    double = Double(doubles["current"])
-    double.reset()
-    yield double
-    assert double["live"] == 0, "an RKNN context leaked"
-    assert double["outputs_alloc"] == double["outputs_free"]
-
-
-def fake_model(*lines: str) -> bytes:
-    return b"RKNN\0\0\0\0" + b"FAKE-RKNN\n" + "\n".join(lines).encode() + b"\n"
 
 
 IMAGE = fake_model(
@@ -128,8 +58,9 @@ def test_rknn_models_are_recognised_by_their_bytes(npu, tmp_path):
     path = tmp_path / "model.onnx"  # the name does not matter
     path.write_bytes(IMAGE)
     with ezrt.InferenceSession(path) as s:
-        assert s.get_providers() == ["RKNNExecutionProvider"]
-        assert s.get_provider_options()["RKNNExecutionProvider"]["library"].endswith("librknnrt.so")
+        assert s.get_providers() == ["RKNPU2ExecutionProvider"]
+        assert s.get_provider_options() == {"RKNPU2ExecutionProvider": {}}
+        assert s._backend.runtime_path.endswith("librknnrt.so")
 
 
 def test_importing_ezrt_does_not_load_the_runtime():
@@ -142,10 +73,11 @@ def test_importing_ezrt_does_not_load_the_runtime():
 
 
 def test_missing_runtime_says_how_to_install_it(monkeypatch, tmp_path):
-    monkeypatch.setenv(abi.LIBRARY_ENV, str(tmp_path / "librknnrt.so"))
+    monkeypatch.setenv(abi.RUNTIME_ENV, str(tmp_path / "librknnrt.so"))
     with pytest.raises(
         ezrt.BackendUnavailableError,
-        match=r"librknnrt\.so was not found .*Install Rockchip's NPU runtime",
+        match=r"librknnrt\.so was not found \(from ZTU_RKNPU2_RUNTIME_LIBRARY\)\. Tried: "
+        r".*librknnrt\.so: no such file.*Install Rockchip's NPU runtime",
     ):
         ezrt.InferenceSession(IMAGE)
 
@@ -187,7 +119,7 @@ def test_container_parsing_of_real_rockchip_samples():
     not SAMPLES.is_dir(), reason=f"place the sample .rknn files in {SAMPLES} (see docs/testing.md)"
 )
 def test_ezrt_info_reads_an_rknn_file_without_any_runtime(monkeypatch):
-    env = {**os.environ, abi.LIBRARY_ENV: "/nonexistent/librknnrt.so"}
+    env = {**os.environ, abi.RUNTIME_ENV: "/nonexistent/librknnrt.so"}
     out = subprocess.run(
         [sys.executable, "-m", "ezrt", "info", str(SAMPLES / "multiple_input_demo_rk3562.rknn")],
         capture_output=True,
@@ -333,7 +265,7 @@ def test_init_failure_is_a_formatted_rknn_error(npu):
         match=r"rknn_init failed: RKNN_ERR_MODEL_INVALID \(-6\): invalid or unsupported model\.",
     ):
         session(IMAGE + b"fail_init -6\n")
-    with pytest.raises(abi.RknnError, match="rknn_init failed: RKNN_ERR_MODEL_INVALID"):
+    with pytest.raises(ezrt.InvalidArgumentError, match="Unknown RKNN model magic: 4f 4e 4e 58"):
         ezrt.InferenceSession(b"ONNX-bytes, not rknn", providers=["RKNNExecutionProvider"])
 
 
@@ -389,7 +321,7 @@ def test_dynamic_shapes_are_validated_against_the_allowed_ranges(npu):
 
 
 def test_an_old_runtime_lacking_a_function_says_which_and_since_when(doubles, monkeypatch):
-    monkeypatch.setenv(abi.LIBRARY_ENV, doubles["old"])
+    monkeypatch.setenv(abi.RUNTIME_ENV, doubles["old"])
     double = Double(doubles["old"])
     double.reset()
     dynamic = fake_model(
@@ -429,7 +361,7 @@ def test_custom_op_plugins(npu, doubles, tmp_path):
 
 
 def test_custom_ops_need_a_runtime_that_can_register_them(doubles, monkeypatch):
-    monkeypatch.setenv(abi.LIBRARY_ENV, doubles["old"])
+    monkeypatch.setenv(abi.RUNTIME_ENV, doubles["old"])
     with (
         pytest.warns(UserWarning),
         pytest.raises(ezrt.BackendUnavailableError, match="rknn_register_custom_ops is missing"),
@@ -489,3 +421,27 @@ def test_close_releases_everything_while_tasks_run(npu):
     closer.join(WAIT)
     assert not closer.is_alive()
     assert len(collector.wait_for(20)) == 20
+
+
+# ---------------------------------------------------------------- upstream 0.11's copy-path tests
+
+
+def test_model_bytes_with_run_async_and_run_pipeline(npu):
+    add = fake_model(
+        f"input x {F32} {UNDEF} 2 1 4",
+        f"input y {F32} {UNDEF} 2 1 4",
+        f"output z {F32} 0 0 1.0 1.0 0.0 2 1 4",
+        "mix 0 1 1.0",
+    )
+    x, y = np.arange(4, dtype=np.float32).reshape(1, 4), np.full((1, 4), 10, np.float32)
+    collector = Collector()
+    with ezrt.InferenceSession(add) as s:  # bytes, not a path
+        s.run_async(None, {"x": x, "y": y}, collector, "tag")
+        ((outputs, user, err),) = collector.wait_for(1)
+        assert (user, err) == ("tag", "") and outputs[0].tolist() == (x + y).tolist()
+        assert s.run_pipeline({"x": x, "y": y}, depth=1, reset=True) is None
+        (z,) = s.run_pipeline({"x": x, "y": y}, depth=1)
+        assert z.tolist() == (x + y).tolist()
+        batch = {"x": np.concatenate([x, 2 * x]), "y": np.concatenate([y, y])}
+        (joined,) = s.run(None, batch, {"ztu_modelrt_dispatch_batch": True})
+        assert joined.tolist() == (batch["x"] + batch["y"]).tolist()

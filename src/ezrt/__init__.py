@@ -16,6 +16,12 @@ import logging
 from typing import Any
 
 from ._version import __version__
+from .backends.rknn.options import (
+    Rknpu2ProviderOptions,
+    Rknpu3ProviderOptions,
+    make_rknpu2_provider_options,
+    make_rknpu3_provider_options,
+)
 from .compat import OrtPatch, patch_onnxruntime, reexported
 from .engine.metrics import LatencyHistogram, SessionStats
 from .errors import (
@@ -35,6 +41,7 @@ from .errors import (
 )
 from .io import ModelMetadata, NodeArg
 from .options import ProviderOptions, RknnProviderOptions, make_provider_options
+from .ortvalue import IOBinding, OrtValue, SessionIOBinding
 from .session import InferenceSession
 
 __all__ = [
@@ -43,6 +50,7 @@ __all__ = [
     "DeadlineExceededError",
     "EzrtError",
     "EzrtWarning",
+    "IOBinding",
     "InferenceError",
     "InferenceSession",
     "InvalidArgumentError",
@@ -51,16 +59,22 @@ __all__ = [
     "ModelMetadata",
     "NodeArg",
     "OrtPatch",
+    "OrtValue",
     "PacingDropError",
     "PipelineFullError",
     "ProviderOptions",
     "ReentrancyError",
     "RknnProviderOptions",
+    "Rknpu2ProviderOptions",
+    "Rknpu3ProviderOptions",
     "SessionClosedError",
+    "SessionIOBinding",
     "SessionStats",
     "SubmitTimeoutError",
     "__version__",
     "make_provider_options",
+    "make_rknpu2_provider_options",
+    "make_rknpu3_provider_options",
     "patch_onnxruntime",
 ]
 
@@ -68,9 +82,9 @@ logging.getLogger("ezrt").addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> Any:
-    """onnxruntime's public names (``OrtValue``, ``IOBinding``, ``SessionOptions``, ...),
-    imported on first use; upstream's alias ``SessionIOBinding`` is ORT's ``IOBinding``."""
+    """onnxruntime's public names (``SessionOptions``, ``RunOptions``,
+    ``GraphOptimizationLevel``, ``get_available_providers``, ...), looked up on first use."""
     try:
-        return reexported("IOBinding" if name == "SessionIOBinding" else name)
+        return reexported(name)
     except AttributeError:
         raise AttributeError(f"module 'ezrt' has no attribute {name!r}") from None

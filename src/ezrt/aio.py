@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import queue
 import threading
 import time
@@ -29,6 +30,18 @@ class AsyncAdmission:
         self._queue: queue.SimpleQueue[Optional[_Item]] = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()  # guards _thread (start once, stop once)
+        # Admissions asked for and finished: each written by one thread only (the loop's,
+        # the admission thread's), from C-level counters, so reading both needs no lock.
+        self._asked = itertools.count(1)
+        self._finished = itertools.count(1)
+        self._last_asked = 0
+        self._last_finished = 0
+
+    @property
+    def busy(self) -> bool:
+        """Admissions are waiting: a new call must queue behind them (first come, first
+        admitted), not take room that frees meanwhile."""
+        return self._last_asked != self._last_finished
 
     def admit(self, prepared: Any, timeout: float) -> asyncio.Future[Any]:
         """An asyncio future of the task's concurrent future, resolved once admitted.
@@ -41,6 +54,7 @@ class AsyncAdmission:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
                 self._thread.start()
+        self._last_asked = next(self._asked)
         self._queue.put((prepared, time.monotonic() + timeout, loop, admitted))
         return admitted
 
@@ -50,14 +64,17 @@ class AsyncAdmission:
             if item is None:
                 return
             prepared, until, loop, admitted = item
-            if admitted.cancelled():  # its coroutine went away while waiting: skip it
-                continue
             try:
-                future = self._enqueue(prepared, max(0.0, until - time.monotonic()))
-            except BaseException as error:
-                _report(loop, _fail, admitted, error, None)
-                continue
-            _report(loop, _succeed, admitted, future, future)
+                if admitted.cancelled():  # its coroutine went away while waiting: skip it
+                    continue
+                try:
+                    future = self._enqueue(prepared, max(0.0, until - time.monotonic()))
+                except BaseException as error:
+                    _report(loop, _fail, admitted, error, None)
+                    continue
+                _report(loop, _succeed, admitted, future, future)
+            finally:
+                self._last_finished = next(self._finished)
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Stop the thread after the admissions already asked for (idempotent)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import math
 import os
 import time
@@ -474,10 +475,13 @@ class InferenceSession(ForwardedMethods):
         prepared = self._prepare(
             output_names, input_feed, run_options, deadline, "arun", copy=False
         )
-        try:
-            future = self._enqueue(prepared, wait=False, what="arun")
-        except PipelineFullError:
-            admitted = self._admission.admit(prepared, self._config.submit_timeout_ms / 1000.0)
+        admission = self._admission
+        future = None
+        if not admission.busy and self._live_engine().has_room():
+            with contextlib.suppress(PipelineFullError):  # room taken meanwhile: queue up
+                future = self._enqueue(prepared, wait=False, what="arun")
+        if future is None:  # behind earlier waiters, on the admission thread (FIFO)
+            admitted = admission.admit(prepared, self._config.submit_timeout_ms / 1000.0)
             future = await admitted  # cancelling the caller cancels this; the task is withdrawn
         return asyncio.wrap_future(future, loop=loop)
 

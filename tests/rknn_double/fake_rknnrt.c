@@ -17,12 +17,29 @@
  *   range INPUT N d0 .. dN-1       an allowed shape of a dynamic input (makes the model dynamic)
  *   fail_init CODE                 rknn_init returns CODE
  *   fail_run_value V               rknn_run fails (-1) when input 0's first element equals V
+ *   w_align N                      native (zero-copy) rows are padded to a multiple of N elements
+ *   mix OUTPUT INPUT COEF          output OUTPUT also adds COEF * input INPUT (e.g. an Add model)
+ *   no_mem_fd                      rknn_create_mem reports fd -1 (memory no other context can
+ *                                  import; some runtimes allocate that way)
  * TYPE/FMT/QNT are the integer enum values of the ABI.
  *
+ * Zero copy (rknn_create_mem*, rknn_create_mem_from_fd, rknn_set_io_mem, rknn_mem_sync,
+ * rknn_destroy_mem) follows fake_mem.h: non-coherent CPU/NPU views and a violation log.
+ * Native attrs: 4-D inputs (NHWC [N,H,W,C]) are NHWC when C is 1, 3 or 4, else NC1HWC2
+ * [N,C1,H,W,C2] (C2 = 16 bytes / element size, at most 16); 4-D outputs ([N,C,H,W]) are
+ * NC1HWC2, or NHWC through the NATIVE_NHWC queries; rows padded to w_align. The attr given
+ * to rknn_set_io_mem must be one of them (NC1HWC2 inputs with pass_through = 1, NHWC inputs
+ * of an NC1HWC2-native tensor with pass_through = 0) and the memory must hold
+ * size_with_stride bytes. A context whose I/O memory was set is a zero-copy context: the copy
+ * calls (rknn_inputs_set, rknn_outputs_get) on it are violations, as is any call on a context
+ * while another thread is inside rknn_run on it.
+ *
  * Counters for leak checks: fake_rknn_counter("contexts"|"dups"|"inits"|"destroys"|
- * "live"|"outputs_alloc"|"outputs_free"|"runs"|"mask_calls"|"shape_calls"), fake_rknn_reset().
+ * "live"|"outputs_alloc"|"outputs_free"|"runs"|"mask_calls"|"shape_calls"|"mems_live"|
+ * "mem_creates"|"mem_imports"|"mem_destroys"|"syncs_to"|"syncs_from"|"set_io"|"zc_runs"),
+ * fake_rknn_violations(buf, size) (count, and the log), fake_rknn_reset().
  */
-#define _GNU_SOURCE
+#include "fake_mem.h"
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -31,7 +48,11 @@
 #include <string.h>
 #include <time.h>
 
+#ifdef __arm__
+typedef uint32_t rknn_context;
+#else
 typedef uint64_t rknn_context;
+#endif
 
 typedef struct { uint32_t n_input, n_output; } rknn_input_output_num;
 
@@ -94,15 +115,26 @@ typedef struct {
 /* The version marker a string scan of the library finds (kept by the linker: used). */
 const char fake_rknn_version_marker[] = "librknnrt version: 0.0.0 (fake@2026-11-24T00:00:00)";
 
+/* The header's sizes on each ABI (RKNN_ABI.md §3.2; 32-bit ARM: 4-byte pointers and context,
+ * 8-byte-aligned 64-bit integers, which gcc -m32 -malign-double reproduces on x86). */
 _Static_assert(sizeof(rknn_tensor_attr) == 376, "rknn_tensor_attr");
 _Static_assert(sizeof(rknn_input_range) == 33040, "rknn_input_range");
+_Static_assert(sizeof(rknn_tensor_mem) == 40, "rknn_tensor_mem");
+#if UINTPTR_MAX == 0xffffffffffffffffu
 _Static_assert(sizeof(rknn_input) == 32, "rknn_input");
 _Static_assert(sizeof(rknn_output) == 24, "rknn_output");
 _Static_assert(sizeof(rknn_init_extend) == 136, "rknn_init_extend");
-_Static_assert(sizeof(rknn_tensor_mem) == 40, "rknn_tensor_mem");
+#else
+_Static_assert(sizeof(rknn_input) == 24, "rknn_input (32-bit)");
+_Static_assert(sizeof(rknn_output) == 16, "rknn_output (32-bit)");
+#ifdef __arm__
+_Static_assert(sizeof(rknn_init_extend) == 132, "rknn_init_extend (32-bit ARM)");
+#endif
+#endif
 
 #define MAX_IO 8
 #define MAX_RANGES 8
+#define MAX_MIX 8
 
 typedef struct {
     char chip[16];
@@ -112,11 +144,15 @@ typedef struct {
     int n_in, n_out;
     rknn_tensor_attr in[MAX_IO], out[MAX_IO];
     float a[MAX_IO], b[MAX_IO];
+    int n_mix, mix_out[MAX_MIX], mix_in[MAX_MIX];
+    float mix_coef[MAX_MIX];
     int n_ranges[MAX_IO];
     uint32_t ranges[MAX_IO][MAX_RANGES][16];
     int fail_init;
     int has_fail_value;
     float fail_value;
+    uint32_t w_align;
+    int no_mem_fd;
 } model_t;
 
 typedef struct ctx_s {
@@ -125,9 +161,13 @@ typedef struct ctx_s {
     int *model_refs;
     int core_mask;
     int inputs_ready;
-    float *x; /* input 0 as float, in the model's own (attr) element order */
-    uint32_t x_elems;
+    float *x[MAX_IO]; /* each input as float, in the model's own (attr) element order */
+    uint32_t x_elems[MAX_IO];
     rknn_tensor_attr cur_in[MAX_IO];
+    int zero_copy; /* rknn_set_io_mem was called on it */
+    fm_mem *in_mem[MAX_IO], *out_mem[MAX_IO];
+    rknn_tensor_attr in_attr[MAX_IO], out_attr[MAX_IO];
+    int busy; /* a thread is inside rknn_run */
     struct ctx_s *next;
 } ctx_t;
 
@@ -136,12 +176,15 @@ static pthread_mutex_t core_lock[3] = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_
                                        PTHREAD_MUTEX_INITIALIZER};
 static ctx_t *contexts;
 static rknn_context next_handle = 0x1000;
-static long counters[16];
-static const char *counter_names[] = {"contexts", "dups", "inits", "destroys", "live",
-                                      "outputs_alloc", "outputs_free", "runs", "mask_calls",
-                                      "shape_calls", NULL};
+static long counters[32];
+static const char *counter_names[] = {
+    "contexts",   "dups",        "inits",       "destroys",     "live",      "outputs_alloc",
+    "outputs_free", "runs",      "mask_calls",  "shape_calls",  "mems_live", "mem_creates",
+    "mem_imports", "mem_destroys", "syncs_to",  "syncs_from",   "set_io",    "zc_runs",
+    NULL};
 enum { C_CONTEXTS, C_DUPS, C_INITS, C_DESTROYS, C_LIVE, C_OUT_ALLOC, C_OUT_FREE, C_RUNS,
-       C_MASK, C_SHAPE };
+       C_MASK, C_SHAPE, C_MEMS_LIVE, C_MEM_CREATES, C_MEM_IMPORTS, C_MEM_DESTROYS, C_SYNC_TO,
+       C_SYNC_FROM, C_SET_IO, C_ZC_RUNS };
 
 long fake_rknn_counter(const char *name) {
     for (int i = 0; counter_names[i]; i++)
@@ -154,9 +197,20 @@ long fake_rknn_counter(const char *name) {
     return -999;
 }
 
+long fake_rknn_violations(char *out, long size) {
+    pthread_mutex_lock(&lock);
+    long n = fm_violations(out, size);
+    pthread_mutex_unlock(&lock);
+    return n;
+}
+
 void fake_rknn_reset(void) {
     pthread_mutex_lock(&lock);
+    long live = counters[C_LIVE], mems = counters[C_MEMS_LIVE];
     memset(counters, 0, sizeof(counters));
+    counters[C_LIVE] = live; /* what is alive stays counted */
+    counters[C_MEMS_LIVE] = mems;
+    fm_reset();
     pthread_mutex_unlock(&lock);
 }
 
@@ -179,6 +233,27 @@ static float half_to_float(uint16_t h) {
     return sign ? -value : value;
 }
 
+static uint16_t float_to_half(float f) { /* round to nearest even; enough for test values */
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000;
+    int exp = (int)((x >> 23) & 0xff) - 127 + 15;
+    uint32_t mant = x & 0x7fffff;
+    if (((x >> 23) & 0xff) == 0xff) return (uint16_t)(sign | 0x7c00 | (mant ? 0x200 : 0));
+    if (exp >= 31) return (uint16_t)(sign | 0x7c00);
+    if (exp <= 0) {
+        if (exp < -10) return (uint16_t)sign;
+        mant |= 0x800000;
+        uint32_t shift = (uint32_t)(14 - exp);
+        uint32_t half = mant >> shift, rest = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
+        if (rest > mid || (rest == mid && (half & 1))) half++;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t half = (uint32_t)(exp << 10) | (mant >> 13), rest = mant & 0x1fff;
+    if (rest > 0x1000 || (rest == 0x1000 && (half & 1))) half++;
+    return (uint16_t)(sign | half);
+}
+
 static float read_elem(const void *buf, int type, size_t i) {
     switch (type) {
     case 0: return ((const float *)buf)[i];
@@ -193,6 +268,22 @@ static float read_elem(const void *buf, int type, size_t i) {
     case 9: return ((const uint8_t *)buf)[i] ? 1.0f : 0.0f;
     }
     return 0.0f;
+}
+
+static void write_value(void *buf, int type, size_t k, float value) {
+    switch (type) {
+    case 0: ((float *)buf)[k] = value; break;
+    case 1: ((uint16_t *)buf)[k] = float_to_half(value); break;
+    case 2: ((int8_t *)buf)[k] = (int8_t)value; break;
+    case 3: ((uint8_t *)buf)[k] = (uint8_t)value; break;
+    case 4: ((int16_t *)buf)[k] = (int16_t)value; break;
+    case 5: ((uint16_t *)buf)[k] = (uint16_t)value; break;
+    case 6: ((int32_t *)buf)[k] = (int32_t)value; break;
+    case 7: ((uint32_t *)buf)[k] = (uint32_t)value; break;
+    case 8: ((int64_t *)buf)[k] = (int64_t)value; break;
+    case 9: ((uint8_t *)buf)[k] = value != 0.0f; break;
+    default: ((float *)buf)[k] = value; break;
+    }
 }
 
 static void fill_attr(rknn_tensor_attr *attr, int index, const char *name, int type, int fmt,
@@ -222,6 +313,7 @@ static int parse_model(const char *data, uint32_t size, model_t *m) {
     memset(m, 0, sizeof(*m));
     strcpy(m->chip, "rk3588");
     strcpy(m->sdk_version, "2.4.1 (fake@2026-11-24)");
+    m->w_align = 1;
     char *save = NULL;
     for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
         char word[32] = {0}, name[256] = {0};
@@ -233,9 +325,16 @@ static int parse_model(const char *data, uint32_t size, model_t *m) {
         else if (strcmp(word, "custom_string") == 0) snprintf(m->custom_string, 1024, "%s", rest);
         else if (strcmp(word, "sdk_version") == 0) snprintf(m->sdk_version, 256, "%s", rest);
         else if (strcmp(word, "fail_init") == 0) m->fail_init = atoi(rest);
+        else if (strcmp(word, "w_align") == 0) m->w_align = (uint32_t)atoi(rest);
+        else if (strcmp(word, "no_mem_fd") == 0) m->no_mem_fd = 1;
         else if (strcmp(word, "fail_run_value") == 0) {
             m->has_fail_value = 1;
             m->fail_value = (float)atof(rest);
+        } else if (strcmp(word, "mix") == 0 && m->n_mix < MAX_MIX) {
+            int k = m->n_mix;
+            if (sscanf(rest, "%d %d %f", &m->mix_out[k], &m->mix_in[k], &m->mix_coef[k]) != 3)
+                goto bad;
+            m->n_mix++;
         } else if (strcmp(word, "input") == 0 && m->n_in < MAX_IO) {
             int type, fmt;
             uint32_t dims[16] = {0};
@@ -277,10 +376,85 @@ bad:
     return -6;
 }
 
+/* ------------------------------------------------------------------ native attrs */
+
+static uint32_t align_up(uint32_t v, uint32_t a) { return a <= 1 ? v : (v + a - 1) / a * a; }
+static uint32_t c2_of(int type) {
+    int es = elem_size(type);
+    return es >= 16 ? 1 : (uint32_t)(16 / (es ? es : 1));
+}
+
+/* Native attr of a 4-D tensor whose logical dims are N,C,H,W: NHWC or NC1HWC2. */
+static void make_native(rknn_tensor_attr *a, const model_t *m, uint32_t N, uint32_t C,
+                        uint32_t H, uint32_t W, int nhwc) {
+    uint32_t ws = align_up(W, m->w_align), es = (uint32_t)elem_size(a->type);
+    a->w_stride = ws;
+    a->h_stride = 0;
+    a->pass_through = 0;
+    if (nhwc) {
+        a->fmt = 1;
+        a->n_dims = 4;
+        uint32_t d[4] = {N, H, W, C};
+        memcpy(a->dims, d, sizeof(d));
+        a->size_with_stride = N * H * ws * C * es;
+    } else {
+        uint32_t c2 = c2_of(a->type), c1 = (C + c2 - 1) / c2;
+        a->fmt = 2;
+        a->n_dims = 5;
+        uint32_t d[5] = {N, c1, H, W, c2};
+        memcpy(a->dims, d, sizeof(d));
+        a->size_with_stride = N * c1 * H * ws * c2 * es;
+    }
+}
+
+static void native_input(const model_t *m, int i, int nhwc_query, rknn_tensor_attr *a) {
+    *a = m->in[i];
+    if (a->n_dims != 4) return;
+    uint32_t N = a->dims[0], H = a->dims[1], W = a->dims[2], C = a->dims[3];
+    make_native(a, m, N, C, H, W, nhwc_query || C == 1 || C == 3 || C == 4);
+}
+
+static void native_output(const model_t *m, int i, int nhwc_query, rknn_tensor_attr *a) {
+    *a = m->out[i];
+    if (a->n_dims != 4) return;
+    uint32_t N = a->dims[0], C = a->dims[1], H = a->dims[2], W = a->dims[3];
+    make_native(a, m, N, C, H, W, nhwc_query);
+}
+
+/* Element index of logical (n, c, h, w) in a buffer laid out as `fmt` with the attr's strides;
+ * C is the logical channel count. */
+static size_t elem_index(int fmt, const rknn_tensor_attr *a, uint32_t C, uint32_t H, uint32_t W,
+                         uint32_t n, uint32_t c, uint32_t h, uint32_t w) {
+    size_t Wp = a && a->w_stride ? a->w_stride : W, Hp = a && a->h_stride ? a->h_stride : H;
+    if (fmt == 1) return ((n * Hp + h) * Wp + w) * C + c;
+    if (fmt == 2) {
+        size_t C1 = a->dims[1], C2 = a->dims[4];
+        return (((n * C1 + c / C2) * Hp + h) * Wp + w) * C2 + c % C2;
+    }
+    return ((n * (size_t)C + c) * Hp + h) * Wp + w;
+}
+
+static int same_attr(const rknn_tensor_attr *given, const rknn_tensor_attr *want) {
+    return given->n_dims == want->n_dims &&
+           memcmp(given->dims, want->dims, sizeof(uint32_t) * want->n_dims) == 0 &&
+           given->fmt == want->fmt && given->type == want->type &&
+           given->w_stride == want->w_stride && given->h_stride == want->h_stride &&
+           given->size_with_stride == want->size_with_stride;
+}
+
+/* ------------------------------------------------------------------ contexts */
+
 static ctx_t *find(rknn_context handle) {
     for (ctx_t *c = contexts; c; c = c->next)
         if (c->handle == handle) return c;
     return NULL;
+}
+
+/* find() for a call that must not overlap a running rknn_run on the same context. */
+static ctx_t *enter(rknn_context handle, const char *api) {
+    ctx_t *c = find(handle);
+    if (c && c->busy) fm_violation("%s: context used while another thread is in rknn_run", api);
+    return c;
 }
 
 static ctx_t *add_context(model_t *model, int *refs) {
@@ -328,7 +502,7 @@ int rknn_init(rknn_context *context, void *model, uint32_t size, uint32_t flag,
 int rknn_dup_context(rknn_context *context_in, rknn_context *context_out) {
     if (!context_in || !context_out) return -5;
     pthread_mutex_lock(&lock);
-    ctx_t *src = find(*context_in);
+    ctx_t *src = enter(*context_in, "rknn_dup_context");
     if (!src) {
         pthread_mutex_unlock(&lock);
         return -7;
@@ -349,12 +523,14 @@ int rknn_destroy(rknn_context context) {
         return -7;
     }
     ctx_t *c = *link;
+    if (c->busy) fm_violation("rknn_destroy: context destroyed while a thread is in rknn_run");
+    fm_reclaim(context, &counters[C_MEMS_LIVE], "rknn_destroy");
     *link = c->next;
     if (--(*c->model_refs) == 0) {
         free(c->model);
         free(c->model_refs);
     }
-    free(c->x);
+    for (int i = 0; i < MAX_IO; i++) free(c->x[i]);
     free(c);
     counters[C_DESTROYS]++;
     counters[C_LIVE]--;
@@ -401,6 +577,17 @@ int rknn_query(rknn_context context, int cmd, void *info, uint32_t size) {
         }
         return 0;
     }
+    case 8: case 9: case 10: case 11: { /* NATIVE_(NHWC_)INPUT/OUTPUT_ATTR */
+        if (size < sizeof(rknn_tensor_attr)) return -5;
+        rknn_tensor_attr *attr = info;
+        int input = cmd == 8 || cmd == 10, nhwc = cmd >= 10;
+        uint32_t index = attr->index;
+        if (index >= (uint32_t)(input ? m->n_in : m->n_out)) return -5;
+        if (is_dynamic(m)) return -5; /* keep it simple: static models only */
+        if (input) native_input(m, (int)index, nhwc, attr);
+        else native_output(m, (int)index, nhwc, attr);
+        return 0;
+    }
     case 5: /* SDK_VERSION */
         if (size < sizeof(rknn_sdk_version)) return -5;
         snprintf(((rknn_sdk_version *)info)->api_version, 256, "%s", m->sdk_version);
@@ -430,7 +617,7 @@ int rknn_query(rknn_context context, int cmd, void *info, uint32_t size) {
 
 int rknn_set_core_mask(rknn_context context, int mask) {
     pthread_mutex_lock(&lock);
-    ctx_t *c = find(context);
+    ctx_t *c = enter(context, "rknn_set_core_mask");
     counters[C_MASK]++;
     pthread_mutex_unlock(&lock);
     if (!c) return -7;
@@ -446,7 +633,7 @@ int rknn_set_core_mask(rknn_context context, int mask) {
 #ifndef FAKE_RKNN_OLD_RUNTIME /* rknn_set_input_shapes arrived in 1.5.2 */
 int rknn_set_input_shapes(rknn_context context, uint32_t n_inputs, rknn_tensor_attr attr[]) {
     pthread_mutex_lock(&lock);
-    ctx_t *c = find(context);
+    ctx_t *c = enter(context, "rknn_set_input_shapes");
     counters[C_SHAPE]++;
     pthread_mutex_unlock(&lock);
     if (!c) return -7;
@@ -476,9 +663,33 @@ int rknn_set_input_shapes(rknn_context context, uint32_t n_inputs, rknn_tensor_a
 
 #endif
 
+/* Decode input i (laid out as fmt/strides of `layout`, elements of `type`) into c->x[i], in
+ * the model attr's own element order (NHWC for 4-D inputs). */
+static void decode_input(ctx_t *c, int i, const void *buf, int type, int fmt,
+                         const rknn_tensor_attr *layout) {
+    const rknn_tensor_attr *attr = &c->cur_in[i];
+    float *x = realloc(c->x[i], (attr->n_elems ? attr->n_elems : 1) * sizeof(float));
+    c->x[i] = x;
+    c->x_elems[i] = attr->n_elems;
+    const uint32_t *d = attr->dims;
+    if (attr->n_dims == 4 && attr->fmt == 1 && fmt != 3) {
+        uint32_t N = d[0], H = d[1], W = d[2], C = d[3];
+        for (uint32_t n = 0; n < N; n++)
+            for (uint32_t h = 0; h < H; h++)
+                for (uint32_t w = 0; w < W; w++)
+                    for (uint32_t ch = 0; ch < C; ch++)
+                        x[((n * H + h) * W + w) * C + ch] =
+                            read_elem(buf, type, elem_index(fmt, layout, C, H, W, n, ch, h, w));
+    } else {
+        for (uint32_t k = 0; k < attr->n_elems; k++) x[k] = read_elem(buf, type, k);
+    }
+}
+
 int rknn_inputs_set(rknn_context context, uint32_t n_inputs, rknn_input inputs[]) {
     pthread_mutex_lock(&lock);
-    ctx_t *c = find(context);
+    ctx_t *c = enter(context, "rknn_inputs_set");
+    if (c && c->zero_copy)
+        fm_violation("rknn_inputs_set on a context whose I/O memory was set (zero copy)");
     pthread_mutex_unlock(&lock);
     if (!c) return -7;
     if (!inputs || n_inputs != (uint32_t)c->model->n_in) return -8;
@@ -490,65 +701,114 @@ int rknn_inputs_set(rknn_context context, uint32_t n_inputs, rknn_input inputs[]
         if (es == 0 || in->size != attr->n_elems * (uint32_t)es) return -8; /* size must match */
         if (attr->n_dims == 4 && in->fmt != 0 && in->fmt != 1) return -8;
         if (attr->n_dims != 4 && in->fmt != 3) return -8; /* UNDEFINED for non-4-D */
-        if (in->index != 0) continue;
-        float *x = realloc(c->x, attr->n_elems * sizeof(float));
-        c->x = x;
-        c->x_elems = attr->n_elems;
-        const uint32_t *d = attr->dims;
-        if (attr->n_dims == 4 && in->fmt == 0 && attr->fmt == 1) {
-            /* caller gave NCHW for an NHWC model input: the runtime transposes */
-            uint32_t N = d[0], H = d[1], W = d[2], C = d[3];
-            for (uint32_t n = 0; n < N; n++)
-                for (uint32_t h = 0; h < H; h++)
-                    for (uint32_t w = 0; w < W; w++)
-                        for (uint32_t ch = 0; ch < C; ch++)
-                            x[((n * H + h) * W + w) * C + ch] =
-                                read_elem(in->buf, in->type, ((n * C + ch) * H + h) * W + w);
-        } else {
-            for (uint32_t k = 0; k < attr->n_elems; k++) x[k] = read_elem(in->buf, in->type, k);
-        }
+        decode_input(c, (int)in->index, in->buf, in->type, in->fmt, NULL);
     }
     c->inputs_ready = 1;
+    return 0;
+}
+
+static float output_value(const ctx_t *c, int o, uint32_t k) {
+    const model_t *m = c->model;
+    float x = k < c->x_elems[0] ? c->x[0][k] : 0.0f;
+    float y = m->a[o] * x + m->b[o];
+    for (int j = 0; j < m->n_mix; j++)
+        if (m->mix_out[j] == o) {
+            int in = m->mix_in[j];
+            y += m->mix_coef[j] * (k < c->x_elems[in] ? c->x[in][k] : 0.0f);
+        }
+    return y;
+}
+
+static float quantised(const rknn_tensor_attr *attr, float real, int want_float) {
+    if (attr->qnt_type != 2) return real;
+    float q = roundf(real / attr->scale + attr->zp); /* affine asymmetric */
+    q = q < -128 ? -128 : q > 127 ? 127 : q;
+    return want_float ? (q - attr->zp) * attr->scale : q;
+}
+
+/* Zero-copy run: inputs from the NPU's view of their bound memory, outputs into it. */
+static int run_zero_copy(ctx_t *c) {
+    const model_t *m = c->model;
+    for (int i = 0; i < m->n_in; i++) {
+        if (!c->in_mem[i]) return -8;
+        fm_mem *mem = fm_use(c->handle, c->in_mem[i]->handle, "rknn_run (input)");
+        if (!mem) return -5;
+        const rknn_tensor_attr *a = &c->in_attr[i];
+        uint32_t need = a->size_with_stride ? a->size_with_stride : a->size;
+        const unsigned char *data = fm_device_read(mem, 0, need, a->name);
+        decode_input(c, i, data, a->type, a->n_dims >= 4 ? a->fmt : 3, a);
+    }
+    for (int o = 0; o < m->n_out; o++) {
+        if (!c->out_mem[o]) return -9;
+        fm_mem *mem = fm_use(c->handle, c->out_mem[o]->handle, "rknn_run (output)");
+        if (!mem) return -5;
+        const rknn_tensor_attr *a = &c->out_attr[o], *logical = &m->out[o];
+        uint32_t need = a->size_with_stride ? a->size_with_stride : a->size;
+        unsigned char *data = fm_device_write(mem, 0, need, a->name);
+        memset(data, 0, need);
+        if (logical->n_dims == 4) {
+            uint32_t N = logical->dims[0], C = logical->dims[1], H = logical->dims[2],
+                     W = logical->dims[3];
+            for (uint32_t n = 0; n < N; n++)
+                for (uint32_t ch = 0; ch < C; ch++)
+                    for (uint32_t h = 0; h < H; h++)
+                        for (uint32_t w = 0; w < W; w++) {
+                            uint32_t k = ((n * C + ch) * H + h) * W + w;
+                            float y = quantised(logical, output_value(c, o, k), 0);
+                            write_value(data, a->type, elem_index(a->fmt, a, C, H, W, n, ch, h, w),
+                                        y);
+                        }
+        } else {
+            for (uint32_t k = 0; k < logical->n_elems; k++)
+                write_value(data, a->type, k, quantised(logical, output_value(c, o, k), 0));
+        }
+    }
+    counters[C_ZC_RUNS]++;
     return 0;
 }
 
 int rknn_run(rknn_context context, void *extend) {
     (void)extend;
     pthread_mutex_lock(&lock);
-    ctx_t *c = find(context);
+    ctx_t *c = enter(context, "rknn_run");
     counters[C_RUNS]++;
+    if (c) c->busy = 1;
     pthread_mutex_unlock(&lock);
     if (!c) return -7;
-    if (!c->inputs_ready) return -8;
     const model_t *m = c->model;
-    if (m->has_fail_value && c->x_elems && c->x[0] == m->fail_value) return -1;
-    int mask = c->core_mask == 0 || c->core_mask == 0xffff ? 1 : c->core_mask;
-    for (int core = 0; core < 3; core++) /* hold the NPU core(s) while "computing" */
-        if (mask & (1 << core)) pthread_mutex_lock(&core_lock[core]);
-    if (m->latency_us > 0) {
-        struct timespec ts = {m->latency_us / 1000000, (m->latency_us % 1000000) * 1000};
-        nanosleep(&ts, NULL);
+    int rc = 0;
+    if (!c->zero_copy && !c->inputs_ready) rc = -8;
+    if (rc == 0 && !c->zero_copy && m->has_fail_value && c->x_elems[0] &&
+        c->x[0][0] == m->fail_value)
+        rc = -1;
+    if (rc == 0) {
+        int mask = c->core_mask == 0 || c->core_mask == 0xffff ? 1 : c->core_mask;
+        for (int core = 0; core < 3; core++) /* hold the NPU core(s) while "computing" */
+            if (mask & (1 << core)) pthread_mutex_lock(&core_lock[core]);
+        if (m->latency_us > 0) {
+            struct timespec ts = {m->latency_us / 1000000, (m->latency_us % 1000000) * 1000};
+            nanosleep(&ts, NULL);
+        }
+        for (int core = 2; core >= 0; core--)
+            if (mask & (1 << core)) pthread_mutex_unlock(&core_lock[core]);
     }
-    for (int core = 2; core >= 0; core--)
-        if (mask & (1 << core)) pthread_mutex_unlock(&core_lock[core]);
-    return 0;
-}
-
-static void write_value(void *buf, int type, uint32_t k, float value) {
-    switch (type) {
-    case 0: ((float *)buf)[k] = value; break;
-    case 2: ((int8_t *)buf)[k] = (int8_t)value; break;
-    case 3: ((uint8_t *)buf)[k] = (uint8_t)value; break;
-    case 6: ((int32_t *)buf)[k] = (int32_t)value; break;
-    default: ((float *)buf)[k] = value; break;
+    pthread_mutex_lock(&lock);
+    if (rc == 0 && c->zero_copy) {
+        rc = run_zero_copy(c);
+        if (rc == 0 && m->has_fail_value && c->x_elems[0] && c->x[0][0] == m->fail_value) rc = -1;
     }
+    c->busy = 0;
+    pthread_mutex_unlock(&lock);
+    return rc;
 }
 
 int rknn_outputs_get(rknn_context context, uint32_t n_outputs, rknn_output outputs[],
                      void *extend) {
     (void)extend;
     pthread_mutex_lock(&lock);
-    ctx_t *c = find(context);
+    ctx_t *c = enter(context, "rknn_outputs_get");
+    if (c && c->zero_copy)
+        fm_violation("rknn_outputs_get on a context whose I/O memory was set (zero copy)");
     pthread_mutex_unlock(&lock);
     if (!c) return -7;
     const model_t *m = c->model;
@@ -558,7 +818,7 @@ int rknn_outputs_get(rknn_context context, uint32_t n_outputs, rknn_output outpu
         if (out->index >= n_outputs) return -9;
         rknn_tensor_attr attr = m->out[out->index];
         uint32_t n = attr.n_elems;
-        if (is_dynamic(m) && out->index == 0) n = c->x_elems;
+        if (is_dynamic(m) && out->index == 0) n = c->x_elems[0];
         int native_type = attr.type;
         uint32_t expected = n * (out->want_float ? 4 : (uint32_t)elem_size(native_type));
         if (out->is_prealloc) {
@@ -571,16 +831,12 @@ int rknn_outputs_get(rknn_context context, uint32_t n_outputs, rknn_output outpu
             pthread_mutex_unlock(&lock);
         }
         for (uint32_t k = 0; k < n; k++) {
-            float x = k < c->x_elems ? c->x[k] : 0.0f;
-            float real = m->a[out->index] * x + m->b[out->index];
-            if (attr.qnt_type == 2) { /* affine asymmetric: quantise, then maybe dequantise */
-                float q = roundf(real / attr.scale + attr.zp);
-                q = q < -128 ? -128 : q > 127 ? 127 : q;
-                if (out->want_float) write_value(out->buf, 0, k, (q - attr.zp) * attr.scale);
-                else write_value(out->buf, native_type, k, q);
-            } else {
-                write_value(out->buf, out->want_float ? 0 : native_type, k, real);
-            }
+            float y = output_value(c, (int)out->index, k);
+            if (attr.qnt_type == 2)
+                write_value(out->buf, out->want_float ? 0 : native_type, k,
+                            quantised(&attr, y, out->want_float));
+            else
+                write_value(out->buf, out->want_float ? 0 : native_type, k, y);
         }
     }
     return 0;
@@ -611,5 +867,179 @@ int rknn_register_custom_ops(rknn_context context, void *ops, uint32_t n) {
     pthread_mutex_unlock(&lock);
     if (!c) return -7;
     return ops && n > 0 ? 0 : -5;
+}
+#endif
+
+/* ------------------------------------------------------------------ zero-copy memory */
+
+static rknn_tensor_mem *new_handle(fm_mem *rec, uint32_t flags) {
+    rknn_tensor_mem *mem = rec->handle;
+    mem->virt_addr = rec->creator ? rec->cpu : rec->cpu - rec->offset;
+    mem->phys_addr = 0x40000000ull + (uint64_t)(uintptr_t)rec->cpu % 0x10000000ull;
+    mem->fd = rec->creator ? rec->fd : -1;
+    mem->offset = (int32_t)rec->offset;
+    mem->size = (uint32_t)rec->size;
+    mem->flags = flags;
+    mem->priv_data = rec;
+    return mem;
+}
+
+static rknn_tensor_mem *create(rknn_context context, uint64_t size, const char *api) {
+    pthread_mutex_lock(&lock);
+    ctx_t *c = enter(context, api);
+    rknn_tensor_mem *mem = NULL;
+    if (c && size > 0 && size <= 0xffffffffu) {
+        mem = calloc(1, sizeof(*mem));
+        fm_mem *rec = fm_create(context, mem, (size_t)size);
+        if (rec) {
+            new_handle(rec, 1 /* RKNN_TENSOR_MEMORY_FLAGS_ALLOC_INSIDE */);
+            if (c->model->no_mem_fd) mem->fd = -1;
+            counters[C_MEM_CREATES]++;
+            counters[C_MEMS_LIVE]++;
+        } else {
+            free(mem);
+            mem = NULL;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return mem;
+}
+
+rknn_tensor_mem *rknn_create_mem(rknn_context context, uint32_t size) {
+    return create(context, size, "rknn_create_mem");
+}
+
+#ifndef FAKE_RKNN_OLD_RUNTIME /* rknn_create_mem2 arrived in 2.0.0 */
+rknn_tensor_mem *rknn_create_mem2(rknn_context context, uint64_t size, uint64_t alloc_flags) {
+    if (alloc_flags & ~(uint64_t)0x7) return NULL;
+    return create(context, size, "rknn_create_mem2");
+}
+#endif
+
+rknn_tensor_mem *rknn_create_mem_from_fd(rknn_context context, int32_t fd, void *virt_addr,
+                                         uint32_t size, int32_t offset) {
+    pthread_mutex_lock(&lock);
+    ctx_t *c = enter(context, "rknn_create_mem_from_fd");
+    rknn_tensor_mem *mem = NULL;
+    if (c) {
+        mem = calloc(1, sizeof(*mem));
+        fm_mem *rec = fm_import(context, mem, fd, virt_addr, size, offset);
+        if (rec) {
+            new_handle(rec, 2 /* RKNN_TENSOR_MEMORY_FLAGS_FROM_FD */);
+            mem->fd = fd;
+            mem->virt_addr = virt_addr ? virt_addr : rec->map;
+            counters[C_MEM_IMPORTS]++;
+            counters[C_MEMS_LIVE]++;
+        } else {
+            free(mem);
+            mem = NULL;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return mem;
+}
+
+int rknn_destroy_mem(rknn_context context, rknn_tensor_mem *mem) {
+    pthread_mutex_lock(&lock);
+    ctx_t *c = enter(context, "rknn_destroy_mem");
+    int rc = -7;
+    if (c) {
+        for (int i = 0; i < MAX_IO; i++) { /* a destroyed memory is no longer bound */
+            if (c->in_mem[i] && c->in_mem[i]->handle == mem) c->in_mem[i] = NULL;
+            if (c->out_mem[i] && c->out_mem[i]->handle == mem) c->out_mem[i] = NULL;
+        }
+        rc = fm_destroy(context, mem, &counters[C_MEMS_LIVE]) == 0 ? 0 : -5;
+        if (rc == 0) counters[C_MEM_DESTROYS]++;
+    }
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+int rknn_set_io_mem(rknn_context context, rknn_tensor_mem *mem, rknn_tensor_attr *attr) {
+    pthread_mutex_lock(&lock);
+    ctx_t *c = enter(context, "rknn_set_io_mem");
+    int rc = 0;
+    if (!c) rc = -7;
+    fm_mem *rec = rc == 0 ? fm_use(context, mem, "rknn_set_io_mem") : NULL;
+    if (rc == 0 && (!rec || !attr)) rc = -5;
+    const model_t *m = rc == 0 ? c->model : NULL;
+    int input = -1, output = -1;
+    if (rc == 0) {
+        for (int i = 0; i < m->n_in; i++)
+            if (strcmp(m->in[i].name, attr->name) == 0) input = i;
+        for (int i = 0; i < m->n_out; i++)
+            if (strcmp(m->out[i].name, attr->name) == 0) output = i;
+        int index = input >= 0 ? input : output;
+        if (index < 0 || attr->index != (uint32_t)index) {
+            fm_violation("rknn_set_io_mem: attr '%s' index %u is no tensor of the model",
+                         attr->name, attr->index);
+            rc = -5;
+        }
+    }
+    if (rc == 0) {
+        rknn_tensor_attr native, nhwc;
+        if (input >= 0) {
+            native_input(m, input, 0, &native);
+            native_input(m, input, 1, &nhwc);
+        } else {
+            native_output(m, output, 0, &native);
+            native_output(m, output, 1, &nhwc);
+        }
+        const rknn_tensor_attr *want = same_attr(attr, &native) ? &native
+                                       : same_attr(attr, &nhwc) ? &nhwc
+                                                                : NULL;
+        if (!want) {
+            fm_violation("rknn_set_io_mem: attr of '%s' (fmt %d, type %d, %u dims, w_stride %u, "
+                         "size_with_stride %u) is not a native layout of the tensor",
+                         attr->name, attr->fmt, attr->type, attr->n_dims, attr->w_stride,
+                         attr->size_with_stride);
+            rc = -5;
+        } else if (input >= 0 && want->fmt == 2 && attr->pass_through != 1) {
+            fm_violation("rknn_set_io_mem: NC1HWC2 input '%s' bound without pass_through",
+                         attr->name);
+            rc = -5;
+        } else if (input >= 0 && want->fmt == 1 && native.fmt == 2 && attr->pass_through != 0) {
+            fm_violation("rknn_set_io_mem: NHWC input '%s' of an NC1HWC2 tensor bound with "
+                         "pass_through (the runtime must convert it)",
+                         attr->name);
+            rc = -5;
+        } else {
+            uint32_t need = want->size_with_stride ? want->size_with_stride : want->size;
+            if (rec->size < need) {
+                fm_violation("rknn_set_io_mem: memory of %zu bytes for '%s' needs %u", rec->size,
+                             attr->name, need);
+                rc = -5;
+            }
+        }
+    }
+    if (rc == 0) {
+        if (input >= 0) {
+            c->in_mem[input] = rec;
+            c->in_attr[input] = *attr;
+        } else {
+            c->out_mem[output] = rec;
+            c->out_attr[output] = *attr;
+        }
+        c->zero_copy = 1;
+        counters[C_SET_IO]++;
+    }
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+#ifndef FAKE_RKNN_OLD_RUNTIME /* rknn_mem_sync arrived in 1.6.0 */
+int rknn_mem_sync(rknn_context context, rknn_tensor_mem *mem, int mode) {
+    pthread_mutex_lock(&lock);
+    ctx_t *c = enter(context, "rknn_mem_sync");
+    int rc = -7;
+    if (c) {
+        fm_mem *rec = fm_use(context, mem, "rknn_mem_sync");
+        rc = rec ? fm_sync(rec, mode) : -5;
+        if (rc < 0) rc = -5;
+        else if (mode & 1) counters[C_SYNC_TO]++;
+        if (rc == 0 && (mode & 2)) counters[C_SYNC_FROM]++;
+    }
+    pthread_mutex_unlock(&lock);
+    return rc;
 }
 #endif

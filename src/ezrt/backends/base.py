@@ -103,12 +103,16 @@ class Backend:
     def input_args(self, user_shapes: Sequence[Any]) -> List[Any]:
         """The inputs as the caller sees them (``user_shapes``: after ezrt's layout)."""
         return [
-            NodeArg(spec.name, shape, spec.type) for spec, shape in zip(self.inputs, user_shapes)
+            NodeArg(spec.name, shape, spec.type, spec.layout, spec.strides)
+            for spec, shape in zip(self.inputs, user_shapes)
         ]
 
     def output_args(self) -> List[Any]:
         """The outputs as the caller sees them."""
-        return [NodeArg(spec.name, spec.shape, spec.type) for spec in self.outputs]
+        return [
+            NodeArg(spec.name, spec.shape, spec.type, spec.layout, spec.strides)
+            for spec in self.outputs
+        ]
 
     def native_inputs(self) -> List[Any]:
         """The inputs as the runtime holds them (layouts, strides where it has them)."""

@@ -19,19 +19,18 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 from ..compat import environment_options, read_ort_arguments
 from ..errors import InvalidArgumentError, InvalidTypeError
-from ..options import parse_provider_options, split_provider_options
+from ..options import parse_provider_options
 from .base import Backend
 
-__all__ = ["RKNN_PROVIDERS", "open_backend", "rknn_family"]
-
-#: Provider names that select the RKNN backend (upstream 0.11's names and alias).
-RKNN_PROVIDERS = ("RKNPU2ExecutionProvider", "RKNNExecutionProvider", "RKNPU3ExecutionProvider")
-_RKNN_MAGICS = (b"RKNN", b"CYPTRKNN")
+__all__ = ["open_backend", "rknn_family"]
 
 
 def rknn_family(head: bytes) -> Optional[str]:
-    """``"RKNPU2"`` when the bytes start like an RKNN model, else None."""
-    return "RKNPU2" if head.startswith(_RKNN_MAGICS) else None
+    """``"RKNPU2"`` (``RKNN``, ``CYPTRKNN``) or ``"RKNPU3"`` (``RKNX``) for an RKNN model's
+    first bytes, else None."""
+    from . import rknn
+
+    return rknn.model_family(head)
 
 
 def open_backend(
@@ -50,12 +49,20 @@ def open_backend(
     without them ``EZRT_PROVIDER_OPTIONS`` applies. ``share_with`` is the backend of the
     ``use_weight_from`` session.
     """
-    model, head = _load(path_or_bytes)
-    wants_rknn = _names_rknn(providers)
-    if rknn_family(head) is not None or wants_rknn:
+    from . import rknn
+
+    if rknn.requests_rknn(providers):
+        rknn.parse_request(providers, provider_options)  # 0.11: these errors precede the file
+        model, head = _load(path_or_bytes, required=True)
+    else:
+        model, head = _load(path_or_bytes)
+    if rknn.requests_rknn(providers) or rknn.model_family(head) is not None:
         if provider_options is None:
             provider_options = defaults if defaults is not None else environment_options()
-        return _open_rknn(model, provider_options, share_with)
+        opened: Backend = rknn.open_backend(
+            model, head, providers, provider_options, share_with=share_with
+        )
+        return opened
     arguments, ezrt_options = read_ort_arguments(sess_options, providers, provider_options, kwargs)
     if ezrt_options is None:
         ezrt_options = defaults if defaults is not None else environment_options()
@@ -71,13 +78,14 @@ def open_backend(
     return OrtBackend(model, arguments, config, share_with=share_with)
 
 
-def _load(path_or_bytes: Any) -> Tuple[Union[str, bytes], bytes]:
-    """The model as a runtime takes it (path or bytes) and its first bytes ("" when the
-    file cannot be read here: ONNX Runtime then says why, in its own words)."""
+def _load(path_or_bytes: Any, *, required: bool = False) -> Tuple[Union[str, bytes], bytes]:
+    """The model as a runtime takes it (path or bytes) and its first bytes. A file that
+    cannot be read here has no head (b"") unless ``required``: ONNX Runtime then says why,
+    in its own words."""
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         data = bytes(path_or_bytes)
-        if not data:
-            raise InvalidArgumentError("the model bytes are empty")
+        if not data and required:
+            raise InvalidArgumentError("model data must not be empty")
         return data, data[:16]
     try:
         path = os.fspath(path_or_bytes)
@@ -88,42 +96,8 @@ def _load(path_or_bytes: Any) -> Tuple[Union[str, bytes], bytes]:
     try:
         with open(path, "rb") as handle:
             return path, handle.read(16)
-    except OSError:
+    except OSError as exc:
+        if required:
+            message = f"Unable to open RKNN model: {path} ({exc.strerror})"
+            raise InvalidArgumentError(message) from exc
         return path, b""
-
-
-def _names_rknn(providers: Any) -> Optional[str]:
-    """The first RKNN provider name in ``providers`` (a name, a list, (name, options))."""
-    if isinstance(providers, str):
-        return providers if providers in RKNN_PROVIDERS else None
-    if not isinstance(providers, (list, tuple)):
-        return None
-    for entry in providers:
-        name = entry[0] if isinstance(entry, (list, tuple)) and entry else entry
-        if isinstance(name, str) and name in RKNN_PROVIDERS:
-            return name
-    return None
-
-
-def _open_rknn(model: Union[str, bytes], provider_options: Any, share_with: Any) -> Backend:
-    from .rknn.backend import RknnBackend
-
-    option_dicts = split_provider_options(provider_options)
-    config, _ = parse_provider_options(option_dicts[0] if option_dicts else None)
-    if share_with is not None:
-        if not isinstance(share_with, RknnBackend):
-            raise InvalidArgumentError(
-                "use_weight_from must be a session on the same backend as this one"
-            )
-        if config.wants_custom_ops:
-            raise InvalidArgumentError("use_weight_from cannot be combined with custom-op loading")
-    if isinstance(model, str):
-        path = model
-        try:
-            with open(path, "rb") as handle:
-                model = handle.read()
-        except OSError as exc:
-            raise InvalidArgumentError(
-                f"Failed to open model file: {path} ({exc.strerror})"
-            ) from exc
-    return RknnBackend(model, config, share_with=share_with)

@@ -79,6 +79,10 @@ class TokenPool:
                     return TOKEN
         return None
 
+    def available(self) -> bool:
+        """A hint: a token could be taken now (another taker may still get it first)."""
+        return not self._queue.empty() or self._unissued > 0
+
     def wait(self, timeout: float) -> object:
         """Wait up to ``timeout`` seconds for a token (or ``CLOSED``); None at the timeout.
 

@@ -214,6 +214,10 @@ class Engine:
             self._deadlines.arm(task)
         return task
 
+    def has_room(self) -> bool:
+        """A hint: a direct task submitted now would likely be queued without waiting."""
+        return self._admission.slots.available()
+
     def _admit(self, task: Task, what: str, wait: bool, timeout: Optional[float]) -> bool:
         """Room first: a place on the callback stage (delivered tasks only), then a queue
         slot. False when the task's deadline passed first (delivered tasks have none)."""

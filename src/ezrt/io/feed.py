@@ -79,29 +79,33 @@ class _Layout:
     def input_args(self) -> List[NodeArg]:
         """The inputs as ``NodeArg``s, with the shapes the caller feeds."""
         return [
-            NodeArg(spec.name, shape, spec.type)
+            NodeArg(spec.name, shape, spec.type, spec.layout, spec.strides)
             for spec, shape in zip(self.inputs, self.user_shapes)
         ]
 
     def match_fast(self, input_feed: Any) -> Optional[List[np.ndarray]]:
-        """The feed's arrays in model order when it is the common case: a dict (or, for a
-        one-input model, a bare ndarray) of ndarrays of exactly the model's dtypes and
-        fixed dims. None means "take the general path"."""
+        """The feed's arrays in model order when it is the common case: a dict (or a list
+        or tuple in input order, or for a one-input model a bare ndarray) of ndarrays of
+        exactly the model's dtypes and fixed dims. None means "take the general path"."""
         plans = self._plans
         if plans is None:
             return None
-        get: Callable[[str], Any]
-        if type(input_feed) is dict:
+        kind = type(input_feed)
+        values: Sequence[Any]
+        if kind is dict:
             if len(input_feed) != len(plans):
                 return None
-            get = input_feed.get
-        elif type(input_feed) is np.ndarray and len(plans) == 1:
-            get = {plans[0].name: input_feed}.get
+            values = [input_feed.get(plan.name) for plan in plans]
+        elif kind is list or kind is tuple:  # ezrt's positional form
+            if len(input_feed) != len(plans):
+                return None
+            values = input_feed
+        elif kind is np.ndarray and len(plans) == 1:
+            values = (input_feed,)
         else:
             return None
         arrays = []
-        for name, dtype, rank, exact, fixed in plans:
-            value = get(name)
+        for (_, dtype, rank, exact, fixed), value in zip(plans, values):
             if type(value) is not np.ndarray or value.dtype != dtype:
                 return None
             if exact is not None:

@@ -53,6 +53,10 @@ class TensorSpec:
     dtype: Optional[np.dtype] = None
     #: When ``dtype`` is None: the dtypes the backend converts itself (None = anything).
     accepts: Optional[Tuple[np.dtype, ...]] = None
+    #: RKNN: the tensor's layout name ("NCHW", "NHWC", "NC1HWC2", ...); "" when not known.
+    layout: str = ""
+    #: RKNN: element strides of a native tensor; () for a dense one.
+    strides: Tuple[int, ...] = ()
 
     @property
     def rank(self) -> Optional[int]:
@@ -84,12 +88,21 @@ class NodeArg(metaclass=_AlsoOrts):
     Shapes of inputs are the ones the caller must feed (with ``layout="nhwc"``, NHWC).
     """
 
-    __slots__ = ("_name", "_shape", "_type")
+    __slots__ = ("_layout", "_name", "_shape", "_strides", "_type")
 
-    def __init__(self, name: str, shape: Optional[Sequence[Dim]], type: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        shape: Optional[Sequence[Dim]],
+        type: str,
+        layout: str = "",
+        strides: Sequence[int] = (),
+    ) -> None:
         self._name = name
         self._shape = None if shape is None else list(shape)
         self._type = type
+        self._layout = layout
+        self._strides = list(strides)
 
     @property
     def name(self) -> str:
@@ -105,6 +118,17 @@ class NodeArg(metaclass=_AlsoOrts):
     def type(self) -> str:
         """The ONNX type string, e.g. ``tensor(float)``."""
         return self._type
+
+    @property
+    def layout(self) -> str:
+        """RKNN (upstream 0.11): the layout of ``shape`` ("NCHW", "NHWC", "NC1HWC2",
+        "UNDEFINED", ...); "" where the backend does not say."""
+        return self._layout
+
+    @property
+    def strides(self) -> List[int]:
+        """RKNN (upstream 0.11): element strides of a native tensor; [] for a dense one."""
+        return list(self._strides)
 
     def __repr__(self) -> str:
         return f"NodeArg(name={self._name!r}, type={self._type!r}, shape={self._shape!r})"

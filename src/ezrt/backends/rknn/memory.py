@@ -1,0 +1,290 @@
+"""NPU contexts and NPU memory: who may call the runtime on what, and when memory is freed.
+
+Rules this module enforces, for both RKNPU2 (librknnrt) and RKNPU3 (librknn3_api):
+
+* **One thread per context at a time.** Every context lives in a :class:`ContextSlot` with a
+  re-entrant lock; whoever calls the runtime on a context holds its slot's lock.
+* **Every memory handle is destroyed exactly once, with its own context, imports before the
+  allocation they import, all before the context.** A :class:`Memory` is one buffer: the
+  handle that allocated (or first imported) it on the session's *home* context, plus one
+  import per other context that used it (``*_create_mem_from_fd`` of its dma-buf fd).
+  :meth:`Memory.free` is idempotent; it runs when the value that owns the memory is
+  garbage-collected, when its session closes, or both (the second call does nothing).
+* **Freeing never blocks a running inference.** A handle whose context is busy is queued
+  on the slot and destroyed by the lock holder as it releases (:meth:`ContextSlot.release`),
+  and the allocation's own destroy waits until its last import is gone.
+* **Caches are synced in the right direction.** The memory remembers whether the CPU wrote
+  it since the last sync (``cpu_dirty``) and whether the NPU wrote it since the CPU last
+  looked (``device_fresh``); :meth:`Memory.cpu_view` and the run path sync accordingly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import threading
+from collections import deque
+from functools import partial
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Tuple
+
+from ...errors import EzrtError, SessionClosedError
+
+__all__ = ["ContextSlot", "DeviceOps", "Memory"]
+
+SYNC_TO_DEVICE, SYNC_FROM_DEVICE = 1, 2
+
+
+class DeviceOps(Protocol):
+    """The runtime calls memory needs, per NPU family (RKNPU2 or RKNPU3)."""
+
+    family: str
+
+    def destroy_mem(self, ctx: int, handle: Any) -> None: ...
+
+    def mem_sync(self, ctx: int, handle: Any, mode: int) -> None: ...
+
+    def import_fd(self, ctx: int, fd: int, virt_addr: int, size: int, offset: int) -> Any: ...
+
+    def describe(self, handle: Any) -> Dict[str, int]:
+        """``virt_addr``, ``fd``, ``offset``, ``size`` of a handle."""
+        ...
+
+
+class ContextSlot:
+    """One runtime context, the lock that serialises calls on it, and frees that wait for it.
+
+    Use as ``with slot:`` around every runtime call on ``slot.ctx``. The lock is re-entrant,
+    so a garbage-collection finaliser that frees memory on the thread that holds it
+    proceeds at once (sequentially, between that thread's own calls).
+    """
+
+    __slots__ = ("closed", "ctx", "label", "lock", "owner", "pending")
+
+    def __init__(self, ctx: int, owner: Any, label: str) -> None:
+        self.ctx = ctx
+        self.owner = owner  # the backend whose context this is
+        self.label = label
+        self.lock = threading.RLock()
+        self.pending: Deque[Callable[[], None]] = deque()
+        self.closed = False
+
+    def __enter__(self) -> ContextSlot:
+        self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Run the queued frees, then let go; re-take the lock if more arrived meanwhile."""
+        while True:
+            self._drain()
+            self.lock.release()
+            if not self.pending or not self.lock.acquire(blocking=False):
+                return
+
+    def run_pending(self) -> None:
+        """Run the queued frees now (the caller holds the lock)."""
+        self._drain()
+
+    def _drain(self) -> None:
+        while self.pending:
+            try:
+                job = self.pending.popleft()
+            except IndexError:
+                return
+            job()
+
+    def call_when_free(self, job: Callable[[], None]) -> None:
+        """Run ``job`` under this slot's lock now if nobody holds it, else when it is let go."""
+        if self.lock.acquire(blocking=False):
+            try:
+                job()
+            finally:
+                self.release()
+            return
+        self.pending.append(job)
+        if self.lock.acquire(blocking=False):  # the holder may have left before the append
+            self.release()
+
+
+class Memory:
+    """One NPU buffer: its home handle, its imports into other contexts, its cache state."""
+
+    def __init__(
+        self,
+        ops: DeviceOps,
+        home: ContextSlot,
+        handle: Any,
+        *,
+        size: int,
+        owned_fd: Optional[int] = None,
+        mapping: Optional[mmap.mmap] = None,
+        dmabuf: bool = False,
+        where: Optional[Tuple[int, int, int]] = None,
+    ) -> None:
+        self.ops = ops
+        self.home = home
+        self.lock = threading.Lock()  # guards handles, dead and the cache flags
+        self.handles: Dict[ContextSlot, Any] = {home: handle}
+        facts = ops.describe(handle)
+        self.size = size
+        #: (fd, virt_addr, offset) to import the buffer elsewhere: the caller's for a dma-buf,
+        #: else what the runtime reports for its allocation.
+        self.fd, self.virt_addr, self.offset = where or (
+            facts["fd"],
+            facts["virt_addr"],
+            facts["offset"],
+        )
+        self.address = self.virt_addr + self.offset  # where the CPU sees the first byte
+        self.dmabuf = dmabuf
+        self._owned_fd = owned_fd
+        self._mapping = mapping
+        self._mapping_export: Optional[ctypes.Array[ctypes.c_char]] = None
+        if mapping is not None:  # an mmap we made: its address, kept until free()
+            self._mapping_export = (ctypes.c_char * len(mapping)).from_buffer(mapping)
+        self.dead = False
+        self.cpu_dirty = False
+        self.device_fresh = False
+
+    # ------------------------------------------------------------------ use
+
+    def check_alive(self, what: str) -> None:
+        if self.dead:
+            raise SessionClosedError(
+                f"{what}: this OrtValue's NPU memory was released because the session that "
+                "allocated it was closed"
+            )
+
+    def handle_for(self, slot: ContextSlot) -> Any:
+        """This buffer's handle on ``slot``'s context (imported on first use). The caller
+        holds ``slot``'s lock."""
+        with self.lock:
+            self.check_alive("binding")
+            handle = self.handles.get(slot)
+            if handle is not None:
+                return handle
+            if self.fd < 0:
+                raise EzrtError(
+                    "OrtValue was allocated without dma-buf backing and cannot be imported "
+                    f"into another RKNN context ({slot.label})"
+                )
+            handle = self.ops.import_fd(slot.ctx, self.fd, self.virt_addr, self.size, self.offset)
+            self.handles[slot] = handle
+            return handle
+
+    def sync_for_run(self, slot: ContextSlot, handle: Any, *, is_input: bool) -> None:
+        """Before a run on ``slot``: inputs are always flushed (the caller may have written
+        through ``data_ptr``); outputs only when the CPU wrote them (dirty lines evicted
+        later would overwrite the NPU's results)."""
+        with self.lock:
+            if is_input or self.cpu_dirty:
+                self.ops.mem_sync(slot.ctx, handle, SYNC_TO_DEVICE)
+                self.cpu_dirty = False
+
+    def written_by_device(self) -> None:
+        with self.lock:
+            self.device_fresh = True
+            self.cpu_dirty = False
+
+    def _sync_home(self, mode: int) -> None:
+        """A CPU-side sync through the home handle (cache maintenance is per buffer, so any
+        handle will do). The caller holds the home slot's lock, then ``self.lock``: slot
+        before memory, the order every path takes, so none can wait on another in a cycle."""
+        self.ops.mem_sync(self.home.ctx, self.handles[self.home], mode)
+
+    def cpu_view(self, *, read: bool, write: bool) -> memoryview:
+        """The CPU's view of the buffer. ``read``: made current first (FROM_DEVICE after an
+        NPU write); ``write``: the caller writes it, so it is flushed before the NPU reads."""
+        with self.home, self.lock:
+            self.check_alive("OrtValue")
+            if read and self.device_fresh:
+                self._sync_home(SYNC_FROM_DEVICE)
+            self.device_fresh = False
+            if write:
+                self.cpu_dirty = True
+            return memoryview((ctypes.c_char * self.size).from_address(self.address)).cast("B")
+
+    def sync_to_device(self) -> None:
+        with self.home, self.lock:
+            self.check_alive("sync_to_device")
+            self._sync_home(SYNC_TO_DEVICE)
+            self.cpu_dirty = False
+
+    def sync_from_device(self) -> None:
+        with self.home, self.lock:
+            self.check_alive("sync_from_device")
+            if self.cpu_dirty:  # flush first: FROM_DEVICE would drop the CPU's writes
+                self._sync_home(SYNC_TO_DEVICE)
+                self.cpu_dirty = False
+            self._sync_home(SYNC_FROM_DEVICE)
+            self.device_fresh = False
+
+    @property
+    def import_count(self) -> int:
+        return len(self.handles)
+
+    # ------------------------------------------------------------------ free
+
+    def drop_imports(self, owner: Any) -> None:
+        """Destroy this buffer's imports into ``owner``'s contexts (that backend is closing
+        while the buffer's own session lives on)."""
+        with self.lock:
+            mine = [
+                (s, h) for s, h in self.handles.items() if s.owner is owner and s is not self.home
+            ]
+            for slot, _ in mine:
+                del self.handles[slot]
+        for slot, handle in mine:
+            slot.call_when_free(partial(self.ops.destroy_mem, slot.ctx, handle))
+
+    def free(self) -> None:
+        """Destroy every handle (imports first, then home), unmap and close. Idempotent."""
+        with self.lock:
+            if self.dead:
+                return
+            self.dead = True
+            imports = [(s, h) for s, h in self.handles.items() if s is not self.home]
+            home_handle = self.handles.get(self.home)
+            self.handles = {}
+        remaining = [len(imports)]
+        counter_lock = threading.Lock()
+
+        def release_home() -> None:
+            def destroy_home() -> None:
+                if home_handle is not None:
+                    self.ops.destroy_mem(self.home.ctx, home_handle)
+                self._unmap()
+
+            self.home.call_when_free(destroy_home)
+
+        def destroy_import(slot: ContextSlot, handle: Any) -> None:
+            try:
+                self.ops.destroy_mem(slot.ctx, handle)
+            finally:
+                with counter_lock:
+                    remaining[0] -= 1
+                    last = remaining[0] == 0
+                if last:
+                    release_home()
+
+        if not imports:
+            release_home()
+        for slot, handle in imports:
+            slot.call_when_free(partial(destroy_import, slot, handle))
+
+    def _unmap(self) -> None:
+        self._mapping_export = None
+        if self._mapping is not None:
+            self._mapping.close()
+            self._mapping = None
+        if self._owned_fd is not None:
+            os.close(self._owned_fd)
+            self._owned_fd = None
+
+
+def free_all(memories: List[Memory]) -> None:
+    """Free several buffers (session close)."""
+    for memory in memories:
+        memory.free()
