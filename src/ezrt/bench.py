@@ -409,6 +409,8 @@ class BenchResult:
     trials: List[Dict[str, Any]] = field(default_factory=list)
     threshold: float = STABILITY_THRESHOLD
     provider: str = ""
+    #: Dynamic batching: runs per batch size during the measurement ({} without it).
+    batch_sizes: Dict[int, int] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -457,6 +459,7 @@ class BenchResult:
             "trials": self.trials,
             "breakdown": self.stats_delta,
             "worker_utilisation": self.worker_utilisation,
+            "batch_sizes": {str(size): runs for size, runs in self.batch_sizes.items()},
             "queue_depth": {
                 "mean": statistics.fmean(self.queue_depths) if self.queue_depths else 0.0,
                 "max": max(self.queue_depths) if self.queue_depths else 0,
@@ -688,6 +691,11 @@ def _measure_trial(
         queue_depths=depths,
         window_rates=_windows(completions, seconds, driver.samples_per_task, windows),
         load=load.describe(driver, seconds),
+        batch_sizes={
+            size: runs - before.batch_sizes.get(size, 0)
+            for size, runs in after.batch_sizes.items()
+            if runs > before.batch_sizes.get(size, 0)
+        },
     )
 
 

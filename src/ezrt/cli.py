@@ -21,7 +21,15 @@ from .errors import BackendUnavailableError, EzrtError, InvalidArgumentError
 
 __all__ = ["build_parser", "main"]
 
-SWEEPABLE = ("workers", "threads_per_core", "max_queue_size", "depth", "batch", "rate")
+SWEEPABLE = (
+    "workers",
+    "threads_per_core",
+    "max_queue_size",
+    "max_batch_size",
+    "depth",
+    "batch",
+    "rate",
+)
 RKNN = "RKNNExecutionProvider"
 
 #: ``--provider`` short names and the execution providers they select.
@@ -219,6 +227,9 @@ def _provider_options(
         options["threads_per_core"] = args.threads_per_core
     if args.sequential is not None:
         options["sequential_callbacks"] = args.sequential
+    if args.max_batch_size > 1:
+        options["max_batch_size"] = args.max_batch_size
+        options["batch_timeout_us"] = args.batch_timeout_us
     if args.tp_mode:
         options["tp_mode"] = args.tp_mode
         return options
@@ -259,6 +270,10 @@ def _report(result: Any, out: TextIO) -> None:
     print("breakdown (ms)      " + "  ".join(parts) + "   [mean/p99 est.]", file=out)
     busy = "  ".join(f"{w} {u * 100:.0f} %" for w, u in data["worker_utilisation"].items())
     print(f"worker utilisation  {busy}", file=out)
+    if data["batch_sizes"]:
+        runs = sum(data["batch_sizes"].values())
+        spread = "  ".join(f"{size}: {count}" for size, count in data["batch_sizes"].items())
+        print(f"batch sizes         {spread}   [tasks per run: runs; {runs} runs]", file=out)
     depth = data["queue_depth"]
     print(
         f"tasks in flight     mean {depth['mean']:.1f}, max {depth['max']} "
@@ -407,7 +422,11 @@ def _measure_config(
 
     options = _provider_options(args, override.get("workers"), provider)
     options.update(
-        {k: override[k] for k in ("threads_per_core", "max_queue_size") if k in override}
+        {
+            k: override[k]
+            for k in ("threads_per_core", "max_queue_size", "max_batch_size")
+            if k in override
+        }
     )
     batch = override.get("batch", args.batch)
     depth = override.get("depth", args.depth)
@@ -812,6 +831,18 @@ def _add_session_arguments(group: Any) -> None:
     group.add_argument("--schedule", help='cores, e.g. "0,1,2" (instead of --workers)')
     group.add_argument("--threads-per-core", type=int, default=0)
     group.add_argument("--max-queue-size", type=int, default=3)
+    group.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=1,
+        help="dynamic batching: queued tasks per run, up to this many (1: off)",
+    )
+    group.add_argument(
+        "--batch-timeout-us",
+        type=int,
+        default=0,
+        help="dynamic batching: how long a worker waits for more tasks (0)",
+    )
     group.add_argument("--sequential", dest="sequential", action="store_true", default=None)
     group.add_argument("--no-sequential", dest="sequential", action="store_false")
     group.add_argument("--tp-mode", help="auto, all, 0, 1, 2, 0,1 or 0,1,2 (one worker, split)")

@@ -50,6 +50,9 @@ MAX_UNDELIVERED = 8
 MAX_THREADS_PER_CORE = 64
 #: The largest ``max_queue_size`` and ``submit_timeout_ms`` (a C int, as upstream's).
 MAX_INT32 = 2**31 - 1
+#: The largest ``max_batch_size``, and ``batch_timeout_us`` (10 s).
+MAX_BATCH_SIZE = 4096
+MAX_BATCH_TIMEOUT_US = 10_000_000
 #: The largest core id in ``schedule`` (a CPU id below this; RKNN core masks have 16 bits).
 MAX_CORE_ID = 4095
 
@@ -81,6 +84,8 @@ class ProviderOptions(TypedDict, total=False):
     load_custom_ops_from_default_path: bool
     dispatch_policy: str
     output_dtype: str
+    max_batch_size: int
+    batch_timeout_us: int
 
 
 #: Upstream's name for :class:`ProviderOptions`.
@@ -128,6 +133,8 @@ SUPPORTED_KEYS: Tuple[str, ...] = (
     "load_custom_ops_from_default_path",
     "dispatch_policy",
     "output_dtype",
+    "max_batch_size",
+    "batch_timeout_us",
 )
 
 
@@ -150,6 +157,10 @@ class SessionConfig:
     custom_op_paths: Tuple[str, ...] = ()
     custom_op_default_path: bool = False
     dispatch_policy: str = "round_robin"
+    #: Dynamic batching: the most queued tasks one run takes (1: off).
+    max_batch_size: int = 1
+    #: How long a worker holding fewer than max_batch_size tasks waits for more (us).
+    batch_timeout_us: int = 0
     #: RKNN outputs: "float32" (dequantised by the runtime) or "native" (the model's dtype).
     output_dtype: str = "float32"
     #: The keys the user actually gave, for "not meaningful on this backend" errors.
@@ -219,6 +230,16 @@ def _positive(name: str, value: object, most: int = MAX_INT32) -> int:
     number = as_int(name, value)
     if number <= 0:
         raise InvalidArgumentError(f"{name} must be > 0 (got {number})")
+    if number > most:
+        raise InvalidArgumentError(f"{name} must be <= {most} (got {number})")
+    return number
+
+
+def _non_negative(name: str, value: object, most: int) -> int:
+    """An integer in 0..``most``."""
+    number = as_int(name, value)
+    if number < 0:
+        raise InvalidArgumentError(f"{name} must be >= 0 (got {number})")
     if number > most:
         raise InvalidArgumentError(f"{name} must be <= {most} (got {number})")
     return number
@@ -378,6 +399,10 @@ def parse_provider_options(
             values["custom_op_default_path"] = as_bool(key, value)
         elif key == "dispatch_policy":
             values["dispatch_policy"] = _parse_dispatch_policy(value)
+        elif key == "max_batch_size":
+            values[key] = _positive(key, value, MAX_BATCH_SIZE)
+        elif key == "batch_timeout_us":
+            values[key] = _non_negative(key, value, MAX_BATCH_TIMEOUT_US)
         elif key == "output_dtype":
             text = _text("output_dtype", value).strip().lower()
             if text not in ("float32", "native"):
@@ -416,6 +441,8 @@ def make_provider_options(
     zero_copy_layout: Optional[str] = None,
     dispatch_policy: Optional[str] = None,
     output_dtype: Optional[str] = None,
+    max_batch_size: Optional[int] = None,
+    batch_timeout_us: Optional[int] = None,
 ) -> ProviderOptions:
     """Build a ``provider_options`` dict with upstream's defaults.
 
@@ -443,6 +470,8 @@ def make_provider_options(
         "zero_copy_layout": zero_copy_layout,
         "dispatch_policy": dispatch_policy,
         "output_dtype": output_dtype,
+        "max_batch_size": max_batch_size,
+        "batch_timeout_us": batch_timeout_us,
     }
     options.update({key: value for key, value in optional.items() if value is not None})
     return options  # type: ignore[return-value]

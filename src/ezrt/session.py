@@ -201,8 +201,11 @@ class InferenceSession(ForwardedMethods):
             pacing=config.enable_pacing,
             dispatch_policy=config.dispatch_policy,
             submit_timeout_s=config.submit_timeout_ms / 1000.0,
+            max_batch_size=config.max_batch_size,
+            batch_timeout_s=config.batch_timeout_us / 1e6,
         )
-        self._engine = Engine(engine_config, backend.make_worker, backend.close)
+        batcher = backend.make_batcher() if config.max_batch_size > 1 else None
+        self._engine = Engine(engine_config, backend.make_worker, backend.close, batcher)
 
     # ------------------------------------------------------------------ introspection
 

@@ -122,6 +122,11 @@ class Backend:
         """The outputs as the runtime holds them."""
         return self.output_args()
 
+    def make_batcher(self) -> Any:
+        """The :class:`~ezrt.engine.batching.Batcher` of dynamic batching
+        (``max_batch_size`` > 1)."""
+        raise self.unavailable("max_batch_size (dynamic batching)")
+
     def io_binding(self, session: Any) -> Any:
         """A zero-copy input/output binding for ``session``."""
         raise self.unavailable("io_binding")

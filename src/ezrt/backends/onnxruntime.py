@@ -28,7 +28,7 @@ from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
 from ..compat import OrtArguments, ort, ort_error, ort_session_class
 from ..errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeError
-from ..io import ONNX_TO_NUMPY, OrtFeed, TensorSpec
+from ..io import ONNX_TO_NUMPY, FeedBatcher, OrtFeed, TensorSpec, check_batchable
 from ..options import TP_MODE_MASKS, SessionConfig
 from .base import Backend, Request
 
@@ -311,6 +311,13 @@ class OrtBackend(Backend):
             self.master._sess.run(names, feed, None)
         except Exception as exc:
             _reraise(exc)
+
+    def make_batcher(self) -> FeedBatcher:
+        check_batchable(self.inputs, self.outputs)
+        return FeedBatcher(
+            [spec.name for spec in self.inputs],
+            lambda inputs, fetch: Request(inputs, fetch),
+        )
 
     def request_inputs(self, arrays: Sequence[Any]) -> Dict[str, Any]:
         return dict(zip((spec.name for spec in self.inputs), arrays))

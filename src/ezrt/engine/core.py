@@ -18,6 +18,7 @@ Rooms, in the order a task meets them (each module's docstring says what its pri
 * ``dispatch``: acceptance under one small lock, per-route queues, routing, pacing;
 * ``deadlines``: an expiry thread fails queued tasks at their deadline;
 * ``workers``: worker threads run tasks on their runners;
+* ``batching``: with ``max_batch_size`` > 1, a worker runs compatible queued tasks as one;
 * ``delivery``: the callback thread delivers in order;
 * ``task``: the one completion path, :func:`~ezrt.engine.task.finish`;
 * ``ledger``: per-thread statistics and their merge;
@@ -47,6 +48,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..errors import DeadlineExceededError, EzrtError, ReentrancyError, SessionClosedError
 from . import lifetime
 from .admission import Admission, ThreadRoles
+from .batching import Batcher, BatchPolicy
 from .deadlines import Deadlines, expired_error
 from .delivery import Delivery
 from .dispatch import Dispatcher, Pacing
@@ -76,6 +78,10 @@ class EngineConfig:
     dispatch_policy: str = "round_robin"
     submit_timeout_s: float = 10.0
     name: str = "ezrt"
+    #: Dynamic batching: the most tasks one run takes (1: off), and how long a worker
+    #: holding fewer waits for more (seconds).
+    max_batch_size: int = 1
+    batch_timeout_s: float = 0.0
 
     @property
     def routes(self) -> Tuple[Optional[int], ...]:
@@ -99,6 +105,7 @@ class Engine:
         config: EngineConfig,
         make_runner: RunnerFactory,
         on_stopped: Optional[Callable[[], None]] = None,
+        batcher: Optional[Batcher] = None,
     ) -> None:
         self.config = config
         self._on_stopped = on_stopped
@@ -109,7 +116,7 @@ class Engine:
         self.forked = False  # set in a fork child: the threads do not exist there
         self._abandoned = False  # interpreter exit gave up on running tasks
         self._roles = ThreadRoles()
-        self._running: Dict[int, Task] = {}
+        self._running: Dict[int, Any] = {}  # a worker's task, or its batch
         self._shared = SharedLedger()
         self._ledgers = [Ledger() for _ in range(n_workers)]
         self._dispatch = Dispatcher(
@@ -150,6 +157,11 @@ class Engine:
             pacing=self._dispatch.pacing,
             live=self._live,
             on_exit=self._delivery.wake,
+            batching=(
+                BatchPolicy(batcher, config.max_batch_size, config.batch_timeout_s)
+                if batcher is not None and config.max_batch_size > 1
+                else None
+            ),
         )
         self._workers = WorkerPool(
             crew, config.name, routes, self._dispatch.queues, self._dispatch.bells, self._ledgers
@@ -334,8 +346,10 @@ class Engine:
         error = SessionClosedError("task abandoned: still running when the interpreter exited")
         self._abandoned = True
         for index in list(self._running):
-            task = self._running.pop(index, None)
-            if task is not None:  # else it finished meanwhile and its worker reported it
+            claimed = self._running.pop(index, None)  # a task, or a batch of tasks
+            if claimed is None:
+                continue  # it finished meanwhile and its worker reported it
+            for task in claimed if isinstance(claimed, list) else (claimed,):
                 self._complete(task, None, error)
         self._delivery.wake()
 

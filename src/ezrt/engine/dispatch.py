@@ -70,7 +70,7 @@ class Dispatcher:
         route_workers: Sequence[Sequence[int]],
         policy: str,
         pacing: Optional[Pacing],
-        running: Dict[int, Task],
+        running: Dict[int, Any],
     ) -> None:
         if policy not in ("round_robin", "least_loaded"):
             raise ValueError(f"unknown dispatch policy {policy!r}")

@@ -25,6 +25,7 @@ class Ledger:
     """
 
     __slots__ = (
+        "batch_sizes",
         "compute",
         "counts",
         "delivered",
@@ -44,6 +45,7 @@ class Ledger:
         self.queue_wait = Histogram()
         self.compute = Histogram()
         self.delivery = Histogram()
+        self.batch_sizes: Dict[int, int] = {}  # tasks per run -> runs (batching workers)
 
     def note(self, task: Task, error: Optional[BaseException]) -> None:
         """Count one completed task."""
@@ -102,6 +104,10 @@ def snapshot(
         to_deliver += ledger.to_deliver
     queue_wait = compute = Histogram().snapshot()
     busy: Dict[str, float] = {}
+    batch_sizes: Dict[int, int] = {}
+    for ledger in workers:
+        for size, runs in list(ledger.batch_sizes.items()):
+            batch_sizes[size] = batch_sizes.get(size, 0) + runs
     for name, ledger in zip(worker_names, workers):
         queue_wait = queue_wait.merge(ledger.queue_wait.snapshot())
         mine = ledger.compute.snapshot()
@@ -120,6 +126,7 @@ def snapshot(
         compute=compute,
         delivery=delivery.delivery.snapshot(),
         worker_busy_seconds=busy,
+        batch_sizes=dict(sorted(batch_sizes.items())),
     )
 
 

@@ -107,6 +107,8 @@ class SessionStats:
     compute: LatencyHistogram
     delivery: LatencyHistogram
     worker_busy_seconds: Dict[str, float] = field(default_factory=dict)
+    #: With dynamic batching: how many runs took each number of tasks ({} without it).
+    batch_sizes: Dict[int, int] = field(default_factory=dict)
 
     def as_dict(self) -> Dict[str, object]:
         """Plain numbers (histograms as mean and estimated p50/p99 in seconds)."""
@@ -135,6 +137,7 @@ class SessionStats:
                 "p99": histogram.percentile(99),
             }
         out["worker_busy_seconds"] = dict(self.worker_busy_seconds)
+        out["batch_sizes"] = dict(self.batch_sizes)
         return out
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, List, Optional, Protocol
 
 from .admission import ThreadRoles
+from .batching import BatchPolicy, gather, run_batch
 from .deadlines import expired_error
 from .dispatch import STOP, Pacing
 from .ledger import Ledger
@@ -62,11 +63,12 @@ class Crew:
     #: Start-up reports: None (the runner is made) or the exception that stopped it.
     reports: queue.SimpleQueue[Optional[BaseException]]
     free_slot: Callable[[], None]  # give an admission slot back
-    running: Dict[int, Task]
+    running: Dict[int, Any]  # a worker's task, or its batch
     deliver: Callable[[Finished], None]  # hand an outcome to the delivery thread
     pacing: Optional[Pacing]
     live: Liveness
     on_exit: Callable[[], None]  # tell the delivery thread a worker stopped
+    batching: Optional[BatchPolicy] = None  # dynamic batching (None: off)
 
 
 def work(
@@ -88,7 +90,8 @@ def work(
     crew.live.add(1)
     crew.reports.put(None)
     try:
-        _loop(crew, index, runner, tasks, bell, ledger)
+        loop = _loop if crew.batching is None else _batch_loop
+        loop(crew, index, runner, tasks, bell, ledger)
     finally:
         crew.roles.workers.discard(ident)
         try:
@@ -158,6 +161,60 @@ def _loop(
     finally:
         if pending is not None:
             deliver(pending)
+
+
+def _batch_loop(
+    crew: Crew,
+    index: int,
+    runner: Runner,
+    tasks: Deque[Any],
+    bell: queue.SimpleQueue[object],
+    ledger: Ledger,
+) -> None:
+    """The loop with dynamic batching (see ``batching.py``): each run takes the task at the
+    head of the queue and the compatible ones behind it."""
+    policy = crew.batching
+    assert policy is not None
+    free_slot, running, deliver, pacing = crew.free_slot, crew.running, crew.deliver, crew.pacing
+    record_wait, record_compute = ledger.queue_wait.add, ledger.compute.add
+    sizes = ledger.batch_sizes
+    monotonic = time.monotonic
+
+    def claim(task: Task, now: float) -> bool:
+        task.started = True
+        record_wait(now - task.submitted_at)
+        free_slot()  # a slot frees as the task leaves the queue
+        if task.expires_at is None and task.on_start is None:
+            return True
+        return _may_start(task, ledger, now, deliver)
+
+    while True:
+        bell.get()
+        try:
+            first = tasks.popleft()
+        except IndexError:
+            continue  # the task this bell item announced was withdrawn meanwhile
+        if first is STOP:
+            return
+        if not claim(first, monotonic()):
+            continue
+        batch = [first]
+        gather(policy, tasks, bell, batch, claim)
+        running[index] = batch
+        started = monotonic()
+        outcomes = run_batch(policy.batcher, runner.run, batch)
+        finished = monotonic()
+        record_compute(finished - started)
+        sizes[len(batch)] = sizes.get(len(batch), 0) + 1
+        if pacing is not None:
+            pacing.record((finished - started) / len(batch))
+        if running.pop(index, None) is None:
+            continue  # abandoned at interpreter exit: already reported failed
+        for task, (result, error) in zip(batch, outcomes):
+            task.finished_at = finished
+            handed = finish(task, result, error, ledger)
+            if handed is not None:
+                deliver(handed)
 
 
 def _may_start(task: Task, ledger: Ledger, now: float, deliver: Callable[[Finished], None]) -> bool:
