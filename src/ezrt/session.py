@@ -352,9 +352,16 @@ class InferenceSession(ForwardedMethods):
         """
         if not callable(callback):
             raise InvalidTypeError(f"callback must be callable (got {type(callback).__name__})")
-        prepared = self._prepare(output_names, input_feed, run_options, None, "run_async")
-        deliver = callback_completion(callback, user_data, prepared.selection)
-        self._live_engine().submit(prepared.request, deliver, delivered=True, what="run_async")
+        if run_options is None:  # the common case, in few bytecodes: this is the hot path
+            feed = self._feed
+            inputs = feed.parse(input_feed, copy=True)
+            selection = feed.select(output_names, inputs)
+            request = Request(inputs, selection.fetch)
+        else:
+            prepared = self._prepare(output_names, input_feed, run_options, None, "run_async")
+            request, selection = prepared.request, prepared.selection
+        deliver = callback_completion(callback, user_data, selection)
+        self._live_engine().submit(request, deliver, delivered=True, what="run_async")
 
     def run_pipeline(
         self, input_feed: Any, depth: int = 3, reset: bool = False

@@ -128,6 +128,24 @@ class Admission:
         self.slots.close()
         self.stage.close()
 
+    def take_now(self, delivered: bool) -> bool:
+        """Both tokens a task needs (a stage token only when ``delivered``), if both can be
+        had without waiting; else none is kept (``CLOSED`` is passed on) and False."""
+        slot = self.slots.take_nowait()
+        if slot is not TOKEN:
+            if slot is CLOSED:
+                self.slots.pass_on_closed()
+            return False
+        if not delivered:
+            return True
+        stage = self.stage.take_nowait()
+        if stage is TOKEN:
+            return True
+        if stage is CLOSED:
+            self.stage.pass_on_closed()
+        self.slots.give()
+        return False
+
     def take(
         self,
         pool: TokenPool,

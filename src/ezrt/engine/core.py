@@ -208,7 +208,9 @@ class Engine:
         if expires_at is not None and delivered:
             raise ValueError("deadlines are for directly completed tasks")
         task = Task(payload, on_done, delivered, on_start, expires_at)
-        if not self._admit(task, what, wait, timeout):  # its deadline passed while waiting
+        # Room first: both tokens at once when there are (the hot path), else the wait.
+        admitted = self._admission.take_now(delivered) or self._admit(task, what, wait, timeout)
+        if not admitted:  # its deadline passed while waiting
             self._dispatch.count_unqueued()
             self._complete(task, None, expired_error(task, time.monotonic()))
             return task

@@ -371,13 +371,46 @@ class OrtFeed(_Layout):
     def parse(self, input_feed: Any, *, copy: bool) -> Dict[str, Any]:
         """The feed for ORT's ``run``. ``copy``: the result shares no memory with the
         caller's values (``OrtValue``s excepted)."""
-        arrays = self.match_fast(input_feed)
-        if arrays is not None:
+        if type(input_feed) is dict:
+            fast = self._parse_dict_fast(input_feed, copy)
+            if fast is not None:
+                return fast
+        else:
+            arrays = self.match_fast(input_feed)
+            if arrays is not None:
+                return {
+                    name: array.copy() if copy else array
+                    for name, array in zip(self.input_names, arrays)
+                }
+        return self._parse_general(input_feed, copy)
+
+    def _parse_dict_fast(self, input_feed: Dict[str, Any], copy: bool) -> Optional[Dict[str, Any]]:
+        """The commonest feed, a dict of exactly the model's arrays, in one pass (the
+        caller's own dict when nothing needs copying); None: take the general path."""
+        plans = self._plans
+        if plans is None or len(input_feed) != len(plans):
+            return None
+        copies = {}
+        for name, dtype, rank, exact, fixed in plans:
+            value = input_feed.get(name)
+            if type(value) is not np.ndarray or value.dtype != dtype:
+                return None
+            shape = value.shape
+            if exact is not None:
+                if shape != exact:
+                    return None
+            elif len(shape) == rank:
+                for axis, size in fixed:
+                    if shape[axis] != size:
+                        return None
+            else:
+                return None
             if copy:
-                return {name: a.copy() for name, a in zip(self.input_names, arrays)}
-            if type(input_feed) is dict:
-                return input_feed  # exactly what the caller would have given ORT
-            return dict(zip(self.input_names, arrays))
+                copies[name] = value.copy()
+        return copies if copy else input_feed  # the caller's dict: exactly what ORT would get
+
+    def _parse_general(self, input_feed: Any, copy: bool) -> Dict[str, Any]:
+        """Every other feed: ezrt's forms, values ORT reads itself, ezrt's conversions."""
         if isinstance(input_feed, Mapping):
             feed = dict(input_feed)
             self._check_required(feed)
