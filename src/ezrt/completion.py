@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .errors import EzrtError
+from .errors import BatchInferenceError, EzrtError
 from .io import OutputSelection
 
-__all__ = ["Callback", "Outcome", "callback_completion", "describe_error", "future_completion"]
+__all__ = [
+    "Callback",
+    "Outcome",
+    "callback_completion",
+    "describe_error",
+    "future_completion",
+    "gather_in_order",
+    "gather_samples",
+]
 
 #: A ``run_async`` callback: ``callback(results, user_data, err)``.
 Callback = Callable[[Optional[List[Any]], Any, str], None]
@@ -86,3 +94,36 @@ def future_completion(
             pass  # cancelled by its owner meanwhile: nobody wants the outcome
 
     return settle
+
+
+def gather_samples(outcomes: Sequence[Outcome], batch_size: int) -> List[Any]:
+    """Wait for every sample of a dispatched batch; their results in order, or one
+    :class:`BatchInferenceError` listing every sample that failed."""
+    results: List[Any] = []
+    errors: Dict[int, str] = {}
+    for index, outcome in enumerate(outcomes):
+        result, error = outcome.wait()
+        if error is None:
+            results.append(result)
+        else:
+            errors[index] = describe_error(error)
+    if errors:
+        raise BatchInferenceError(errors, batch_size)
+    return results
+
+
+def gather_in_order(outcomes: Sequence[Outcome], return_exceptions: bool) -> List[Any]:
+    """Wait for every outcome; their results in order. A failure raises its error once all
+    are collected, or stands in the list as the exception object (``return_exceptions``)."""
+    results: List[Any] = []
+    first_error: Optional[BaseException] = None
+    for outcome in outcomes:
+        result, error = outcome.wait()
+        if error is None:
+            results.append(result)
+        else:
+            results.append(error)
+            first_error = first_error or error
+    if first_error is not None and not return_exceptions:
+        raise first_error
+    return results

@@ -7,6 +7,7 @@ upstream phrases (``"max_queue_size must be > 0"``) and add what was given.
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 import re
@@ -475,3 +476,42 @@ def make_provider_options(
     }
     options.update({key: value for key, value in optional.items() if value is not None})
     return options  # type: ignore[return-value]
+
+
+def read_run_options(run_options: Any) -> Tuple[bool, Any]:
+    """(batch dispatch asked for, the run options ONNX Runtime receives)."""
+    if run_options is None:
+        return False, None
+    if isinstance(run_options, Mapping):  # ezrt's form: only the dispatch key
+        unknown = [key for key in run_options if key != DISPATCH_BATCH_KEY]
+        if unknown:
+            raise InvalidArgumentError(
+                f"Unknown run_options key: {unknown[0]!r} (supported: {DISPATCH_BATCH_KEY})"
+            )
+        if DISPATCH_BATCH_KEY not in run_options:
+            return False, None
+        return as_bool(DISPATCH_BATCH_KEY, run_options[DISPATCH_BATCH_KEY]), None
+    getter = getattr(run_options, "get_run_config_entry", None)
+    if getter is None:
+        raise InvalidTypeError(
+            "run_options must be a dict, an onnxruntime.RunOptions or None "
+            f"(got {type(run_options).__name__})"
+        )
+    try:
+        value = getter(DISPATCH_BATCH_KEY)
+    except Exception:  # ORT raises when the entry is absent
+        return False, run_options
+    # ORT ignores config entries it does not know, so the RunOptions go on as they are.
+    return as_bool(DISPATCH_BATCH_KEY, value), run_options
+
+
+def as_seconds(name: str, value: Any) -> Optional[float]:
+    """A duration argument: None or a number of seconds >= 0 (``math.inf``: none)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise InvalidTypeError(f"{name} must be a number of seconds or None (got {value!r})")
+    seconds = float(value)
+    if math.isnan(seconds) or seconds < 0:
+        raise InvalidArgumentError(f"{name} must be >= 0 seconds or None (got {value!r})")
+    return None if math.isinf(seconds) else seconds

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import math
 import os
 import time
 import weakref
@@ -41,11 +40,18 @@ from .aio import AsyncAdmission
 from .backends.base import Backend, Request
 from .backends.select import open_backend, rknn_family
 from .compat import ForwardedMethods
-from .completion import Callback, Outcome, callback_completion, describe_error, future_completion
+from .completion import (
+    Callback,
+    Outcome,
+    callback_completion,
+    describe_error,
+    future_completion,
+    gather_in_order,
+    gather_samples,
+)
 from .engine.core import Engine, EngineConfig
 from .engine.metrics import SessionStats
 from .errors import (
-    BatchInferenceError,
     EzrtError,
     InvalidArgumentError,
     InvalidTypeError,
@@ -53,7 +59,13 @@ from .errors import (
     SessionClosedError,
 )
 from .io import OutputSelection, concat_batch
-from .options import DISPATCH_BATCH_KEY, MAX_UNDELIVERED, SessionConfig, as_bool
+from .options import (
+    DISPATCH_BATCH_KEY,
+    MAX_UNDELIVERED,
+    SessionConfig,
+    as_seconds,
+    read_run_options,
+)
 
 __all__ = ["InferenceSession", "describe_error", "is_rknn_model"]
 
@@ -74,48 +86,9 @@ class PreparedTask(NamedTuple):
     expires_at: Optional[float]  # time.monotonic() by which it must start
 
 
-def _read_run_options(run_options: Any) -> Tuple[bool, Any]:
-    """(batch dispatch asked for, the run options ONNX Runtime receives)."""
-    if run_options is None:
-        return False, None
-    if isinstance(run_options, Mapping):  # ezrt's form: only the dispatch key
-        unknown = [key for key in run_options if key != DISPATCH_BATCH_KEY]
-        if unknown:
-            raise InvalidArgumentError(
-                f"Unknown run_options key: {unknown[0]!r} (supported: {DISPATCH_BATCH_KEY})"
-            )
-        if DISPATCH_BATCH_KEY not in run_options:
-            return False, None
-        return as_bool(DISPATCH_BATCH_KEY, run_options[DISPATCH_BATCH_KEY]), None
-    getter = getattr(run_options, "get_run_config_entry", None)
-    if getter is None:
-        raise InvalidTypeError(
-            "run_options must be a dict, an onnxruntime.RunOptions or None "
-            f"(got {type(run_options).__name__})"
-        )
-    try:
-        value = getter(DISPATCH_BATCH_KEY)
-    except Exception:  # ORT raises when the entry is absent
-        return False, run_options
-    # ORT ignores config entries it does not know, so the RunOptions go on as they are.
-    return as_bool(DISPATCH_BATCH_KEY, value), run_options
-
-
-def _seconds(name: str, value: Any) -> Optional[float]:
-    """A duration argument: None or a number of seconds >= 0 (``math.inf``: none)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise InvalidTypeError(f"{name} must be a number of seconds or None (got {value!r})")
-    seconds = float(value)
-    if math.isnan(seconds) or seconds < 0:
-        raise InvalidArgumentError(f"{name} must be >= 0 seconds or None (got {value!r})")
-    return None if math.isinf(seconds) else seconds
-
-
 def _expiry(deadline: Any) -> Optional[float]:
     """The monotonic time a task must start by: ``deadline`` seconds from now."""
-    seconds = _seconds("deadline", deadline)
+    seconds = as_seconds("deadline", deadline)
     return None if seconds is None else time.monotonic() + seconds
 
 
@@ -296,7 +269,7 @@ class InferenceSession(ForwardedMethods):
         spread over the workers, and the outputs are joined along axis 0.
         """
         engine = self._live_engine()
-        batch, ort_options = _read_run_options(run_options)
+        batch, ort_options = read_run_options(run_options)
         if batch:
             return self._run_batch(engine, output_names, input_feed, ort_options)
         inputs = self._feed.parse(input_feed, copy=False)  # run() returns after the task
@@ -321,17 +294,7 @@ class InferenceSession(ForwardedMethods):
             request = Request(inputs, selection.fetch, ort_options)
             engine.submit(request, outcome, delivered=False, what="run")
             outcomes.append(outcome)
-        results = []
-        errors: Dict[int, str] = {}
-        for index, outcome in enumerate(outcomes):
-            result, error = outcome.wait()
-            if error is None:
-                results.append(result)
-            else:
-                errors[index] = describe_error(error)
-        if errors:
-            raise BatchInferenceError(errors, batch_size)
-        return selection.arrange(concat_batch(results))
+        return selection.arrange(concat_batch(gather_samples(outcomes, batch_size)))
 
     def run_async(
         self,
@@ -397,18 +360,7 @@ class InferenceSession(ForwardedMethods):
         pending = self._window.drain()
         if pending:
             self._live_engine().assert_may_block("flush_pipeline")
-        results: List[Any] = []
-        first_error: Optional[BaseException] = None
-        for outcome in pending:
-            result, error = outcome.wait()
-            if error is None:
-                results.append(result)
-            else:
-                results.append(error)
-                first_error = first_error or error
-        if first_error is not None and not return_exceptions:
-            raise first_error
-        return results
+        return gather_in_order(pending, return_exceptions)
 
     # ------------------------------------------------------------------ futures, asyncio, streams
 
@@ -424,7 +376,7 @@ class InferenceSession(ForwardedMethods):
     ) -> PreparedTask:
         """Validate (and copy, unless the call borrows its inputs) on the caller's thread;
         the deadline clock starts here."""
-        batch, ort_options = _read_run_options(run_options)
+        batch, ort_options = read_run_options(run_options)
         if batch:
             raise InvalidArgumentError(
                 f"{what} does not support {DISPATCH_BATCH_KEY}=True; use run() for batches"
@@ -577,7 +529,7 @@ class InferenceSession(ForwardedMethods):
         engine = self._live_engine()
         if engine.closed:
             raise SessionClosedError("run_with_iobinding rejected: the session is closed")
-        _, ort_options = _read_run_options(run_options)
+        _, ort_options = read_run_options(run_options)
         payload = self._backend.bound_payload(iobinding, ort_options)
         if payload is None:
             self._backend.run_bound(iobinding, ort_options)
@@ -603,7 +555,7 @@ class InferenceSession(ForwardedMethods):
         False if ``timeout`` seconds passed before all threads exited. From a callback,
         close does not wait for the callback thread itself.
         """
-        timeout = _seconds("timeout", timeout)
+        timeout = as_seconds("timeout", timeout)
         engine = self._engine
         if engine is None:
             return True
