@@ -59,3 +59,14 @@ def test_the_licence_text_ships_beside_the_code():
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text
     assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_the_package_knows_its_submodules():
+    # ezrt's module __getattr__ forwards unknown names to onnxruntime; a submodule name must
+    # never be one of them (``from . import x`` asks the package first).
+    import pkgutil
+
+    import ezrt
+
+    found = {module.name for module in pkgutil.iter_modules(ezrt.__path__)}
+    assert found - {"__main__"} == set(ezrt.SUBMODULES)

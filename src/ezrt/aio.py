@@ -1,4 +1,6 @@
-"""Admission for asyncio callers whose task found the pipeline full.
+"""asyncio: admission for callers whose task found the pipeline full, and ``aimap``.
+
+Imported on the first asyncio call, so that ``import ezrt`` does not import asyncio.
 
 The event loop must never block, so a blocked admission is handed to one thread per session
 (``ezrt-admission``), started on first need, which admits waiting tasks in FIFO order and
@@ -14,9 +16,21 @@ import itertools
 import queue
 import threading
 import time
-from typing import Any, Callable, Optional, Tuple
+from collections import deque
+from typing import (
+    Any,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Deque,
+    Iterable,
+    Optional,
+    Tuple,
+    Union,
+)
 
-__all__ = ["AsyncAdmission"]
+__all__ = ["AsyncAdmission", "aimap"]
 
 # enqueue(prepared, timeout) -> concurrent future: the session's blocking admission.
 Enqueue = Callable[[Any, float], "concurrent.futures.Future[Any]"]
@@ -112,3 +126,58 @@ def _succeed(admitted: asyncio.Future[Any], future: concurrent.futures.Future[An
 def _fail(admitted: asyncio.Future[Any], error: BaseException) -> None:
     if not admitted.cancelled():
         admitted.set_exception(error)
+
+
+# ---------------------------------------------------------------------- streams
+
+
+async def _aiterate(feeds: Union[Iterable[Any], AsyncIterable[Any]]) -> AsyncIterator[Any]:
+    if isinstance(feeds, AsyncIterable):
+        async for feed in feeds:
+            yield feed
+    else:
+        for feed in feeds:
+            yield feed
+
+
+async def _aoutcome(future: asyncio.Future[Any], return_exceptions: bool) -> Any:
+    if return_exceptions:
+        try:
+            return await future
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            return error
+    return await future
+
+
+async def aimap(
+    asubmit: Callable[[Any], Awaitable[asyncio.Future[Any]]],
+    feeds: Union[Iterable[Any], AsyncIterable[Any]],
+    window: int,
+    ordered: bool,
+    return_exceptions: bool,
+) -> AsyncIterator[Any]:
+    pending: Deque[asyncio.Future[Any]] = deque()
+    try:
+        async for feed in _aiterate(feeds):
+            pending.append(await asubmit(feed))
+            while len(pending) >= window:
+                if ordered:
+                    yield await _aoutcome(pending.popleft(), return_exceptions)
+                else:
+                    done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for future in done:
+                        pending.remove(future)
+                        yield await _aoutcome(future, return_exceptions)
+        if ordered:
+            while pending:
+                yield await _aoutcome(pending.popleft(), return_exceptions)
+        else:
+            for next_done in asyncio.as_completed(list(pending)):
+                result = await _aoutcome(next_done, return_exceptions)
+                yield result
+            pending.clear()
+    finally:
+        for future in pending:
+            future.cancel()

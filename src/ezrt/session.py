@@ -9,13 +9,14 @@ outcome reaches the caller (``completion.py``), streams and the pipeline window
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import os
+import threading
 import time
 import weakref
 from typing import (
+    TYPE_CHECKING,
     Any,
     AsyncIterable,
     AsyncIterator,
@@ -35,8 +36,10 @@ from typing import (
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import asyncio
+
 from . import streaming
-from .aio import AsyncAdmission
 from .backends.base import Backend, Request
 from .backends.select import open_backend, rknn_family
 from .compat import ForwardedMethods
@@ -157,7 +160,8 @@ class InferenceSession(ForwardedMethods):
         except BaseException:
             self._backend.close()
             raise
-        self._admission = AsyncAdmission(_weak_enqueue(self))
+        self._aio: Optional[Any] = None  # asyncio admission, made on the first asyncio call
+        self._aio_lock = threading.Lock()
         self._window = streaming.PipelineWindow()
 
     def _start(self) -> None:
@@ -433,11 +437,13 @@ class InferenceSession(ForwardedMethods):
 
         The inputs are borrowed, not copied (the call has not returned until its result
         is there): the event loop does O(1) work per call whatever the input size."""
+        import asyncio  # only asyncio callers pay for importing it
+
         loop = asyncio.get_running_loop()
         prepared = self._prepare(
             output_names, input_feed, run_options, deadline, "arun", copy=False
         )
-        admission = self._admission
+        admission = self._aio or self._start_async_admission()
         future = None
         if not admission.busy and self._live_engine().has_room():
             with contextlib.suppress(PipelineFullError):  # room taken meanwhile: queue up
@@ -446,6 +452,15 @@ class InferenceSession(ForwardedMethods):
             admitted = admission.admit(prepared, self._config.submit_timeout_ms / 1000.0)
             future = await admitted  # cancelling the caller cancels this; the task is withdrawn
         return asyncio.wrap_future(future, loop=loop)
+
+    def _start_async_admission(self) -> Any:
+        """The asyncio admission thread's front, made on the first asyncio call."""
+        from .aio import AsyncAdmission
+
+        with self._aio_lock:
+            if self._aio is None:
+                self._aio = AsyncAdmission(_weak_enqueue(self))
+            return self._aio
 
     async def arun(
         self,
@@ -508,8 +523,10 @@ class InferenceSession(ForwardedMethods):
         ``feeds`` may be an async or a plain iterable. The event loop is never blocked.
         As with :meth:`arun`, a feed's arrays are borrowed, not copied, until its result
         has been yielded: an iterable that reuses one buffer must yield copies."""
+        from .aio import aimap
+
         window = streaming.check_window(max_in_flight, self._default_window())
-        return streaming.aimap(
+        return aimap(
             lambda feed: self._asubmit(output_names, feed, None, None),
             feeds,
             window,
@@ -560,7 +577,8 @@ class InferenceSession(ForwardedMethods):
         if engine is None:
             return True
         finished = engine.close(cancel=cancel, wait=True, timeout=timeout)
-        self._admission.close(timeout)  # waiting admissions now fail: the session is closed
+        if self._aio is not None:
+            self._aio.close(timeout)  # waiting admissions now fail: the session is closed
         return finished
 
     @property

@@ -1,5 +1,5 @@
-"""Streams of feeds through a session: ``imap`` (threads), ``aimap`` (asyncio), and the
-``run_pipeline`` window.
+"""Streams of feeds through a session: ``imap`` (threads; its asyncio twin ``aimap`` is in
+``aio.py``), and the ``run_pipeline`` window.
 
 Both keep at most ``window`` tasks in flight (bounded memory whatever the input's length),
 submit the next feed as soon as one result is taken, and yield results in input order
@@ -9,15 +9,11 @@ They know nothing of sessions beyond a function that turns a feed into a future.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import threading
 from collections import deque
 from typing import (
     Any,
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
     Callable,
     Deque,
     Iterable,
@@ -25,12 +21,11 @@ from typing import (
     List,
     Optional,
     Set,
-    Union,
 )
 
 from .errors import InvalidArgumentError, InvalidTypeError
 
-__all__ = ["PipelineWindow", "aimap", "check_window", "imap"]
+__all__ = ["PipelineWindow", "check_window", "imap"]
 
 Future = concurrent.futures.Future
 
@@ -88,58 +83,6 @@ def imap(
             yield _outcome(future, return_exceptions)
     finally:
         for future in running:
-            future.cancel()
-
-
-async def _aiterate(feeds: Union[Iterable[Any], AsyncIterable[Any]]) -> AsyncIterator[Any]:
-    if isinstance(feeds, AsyncIterable):
-        async for feed in feeds:
-            yield feed
-    else:
-        for feed in feeds:
-            yield feed
-
-
-async def _aoutcome(future: asyncio.Future[Any], return_exceptions: bool) -> Any:
-    if return_exceptions:
-        try:
-            return await future
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            return error
-    return await future
-
-
-async def aimap(
-    asubmit: Callable[[Any], Awaitable[asyncio.Future[Any]]],
-    feeds: Union[Iterable[Any], AsyncIterable[Any]],
-    window: int,
-    ordered: bool,
-    return_exceptions: bool,
-) -> AsyncIterator[Any]:
-    pending: Deque[asyncio.Future[Any]] = deque()
-    try:
-        async for feed in _aiterate(feeds):
-            pending.append(await asubmit(feed))
-            while len(pending) >= window:
-                if ordered:
-                    yield await _aoutcome(pending.popleft(), return_exceptions)
-                else:
-                    done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                    for future in done:
-                        pending.remove(future)
-                        yield await _aoutcome(future, return_exceptions)
-        if ordered:
-            while pending:
-                yield await _aoutcome(pending.popleft(), return_exceptions)
-        else:
-            for next_done in asyncio.as_completed(list(pending)):
-                result = await _aoutcome(next_done, return_exceptions)
-                yield result
-            pending.clear()
-    finally:
-        for future in pending:
             future.cancel()
 
 
