@@ -559,3 +559,21 @@ def test_every_callback_and_its_output_arrive_when_a_script_exits_without_close(
         printed = sorted(int(line.split()[1]) for line in result.stdout.splitlines())
         assert delivered == list(range(20)), f"attempt {attempt}: delivered {delivered}"
         assert printed == list(range(20)), f"attempt {attempt}: printed {printed}"
+
+
+def test_dropping_the_last_reference_inside_its_own_callback_does_not_deadlock(add_model):
+    # Upstream 0.11 deadlocks here: the session's destructor joins the callback thread it
+    # runs on. ezrt's finaliser never waits: the threads drain and stop by themselves.
+    holder = [ezrt.InferenceSession(add_model)]
+    delivered = threading.Event()
+
+    def callback(results, user_data, err):
+        holder.clear()  # the last reference goes, on the callback thread
+        delivered.set()
+
+    holder[0].run_async([], [ones(), ones()], callback)  # [] means every output
+    assert delivered.wait(WAIT)
+    deadline = time.monotonic() + WAIT
+    while any(t.name.startswith("ezrt-") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the session's threads did not stop"
+        time.sleep(0.01)
