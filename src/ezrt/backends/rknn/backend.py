@@ -18,7 +18,6 @@ it, so bound runs are safe beside ``run_async`` and run on every worker.
 from __future__ import annotations
 
 import ctypes
-import glob
 import logging
 import os
 import threading
@@ -36,6 +35,7 @@ from ..base import Backend, Request
 from . import abi
 from .layout import NativeLayout, dense_strides, span_bytes
 from .memory import ContextSlot, Memory
+from .plugins import Plugin, load_plugins, register_custom_ops
 from .values import IoSpec, RknnOrtValue
 from .zerocopy import BoundRun, map_dmabuf
 
@@ -45,8 +45,8 @@ logger = logging.getLogger("ezrt")
 perf_logger = logging.getLogger("ezrt.perf")
 
 PERF_ENV = "ZTU_EZRKNN_ASYNC_PRINT_PERF"
+#: Where ``custom_op_default_path`` looks for ``librkcst_*.so`` plugins.
 DEFAULT_PLUGIN_DIR = "/usr/lib/rknpu/op_plugins/"
-_CUSTOM_OP_SIZE = 832  # sizeof(rknn_custom_op)
 #: What an input may be given as: the runtime converts it to the model's own type.
 INPUT_DTYPES = tuple(abi.NUMPY_TO_TENSOR_TYPE)
 
@@ -265,7 +265,7 @@ class RknnBackend(Backend):
         self._home: Optional[ContextSlot] = None
         self._bound_slots: Dict[int, ContextSlot] = {}
         self._memories: weakref.WeakSet[Memory] = weakref.WeakSet()
-        self._plugins: List[Tuple[str, ctypes.CDLL, int]] = []
+        self._plugins: List[Plugin] = []
         self.perf = _perf_enabled()
         self.want_float = config.output_dtype != "native"
         if config.wants_custom_ops:  # said first, as upstream: even if loading then fails
@@ -275,7 +275,10 @@ class RknnBackend(Backend):
                 EzrtWarning,
                 stacklevel=4,
             )
-        plugins = self._load_plugins() if config.wants_custom_ops else []
+        plugins: List[Plugin] = []
+        if config.wants_custom_ops:
+            default_dir = DEFAULT_PLUGIN_DIR if config.custom_op_default_path else None
+            plugins = load_plugins(config.custom_op_paths, default_dir)
         self._dup = not (config.disable_dup_context or config.wants_custom_ops or share_with)
         try:
             self._slots.append(ContextSlot(self._new_context(), self, "context 0"))
@@ -287,7 +290,8 @@ class RknnBackend(Backend):
             for index, slot in enumerate(self._slots):
                 self._set_core_mask(index, slot.ctx)
             if plugins:
-                self._register_custom_ops(plugins, [slot.ctx for slot in self._slots])
+                self._plugins = plugins  # keep the libraries loaded while contexts live
+                register_custom_ops(self.rt, plugins, [slot.ctx for slot in self._slots])
         except BaseException:
             self._destroy_contexts()
             raise
@@ -462,78 +466,6 @@ class RknnBackend(Backend):
                 "Maybe you specified a configuration that is not supported by the current "
                 "platform (RK3588: cores 0-2, RK3576: 0-1, RK3566: 0 only).",
             )
-
-    # ------------------------------------------------------------------ custom ops
-
-    def _load_plugins(self) -> List[Tuple[str, ctypes.CDLL, int]]:
-        plugins: List[Tuple[str, ctypes.CDLL, int]] = []
-        for path in self.config.custom_op_paths:
-            plugins.append(self._load_plugin(path))
-        if self.config.custom_op_default_path:
-            directory = DEFAULT_PLUGIN_DIR
-            if not os.path.isdir(directory):
-                warnings.warn(
-                    f"Default plugin directory does not exist: {directory}",
-                    EzrtWarning,
-                    stacklevel=5,
-                )
-            for path in sorted(glob.glob(os.path.join(directory, "librkcst_*.so"))):
-                try:
-                    plugins.append(self._load_plugin(path))
-                except EzrtError as exc:
-                    warnings.warn(
-                        f"Failed to load plugin {os.path.basename(path)}: {exc}",
-                        EzrtWarning,
-                        stacklevel=5,
-                    )
-        seen: Dict[Tuple[bytes, int, int], str] = {}
-        for path, _, address in plugins:
-            raw = ctypes.string_at(address, _CUSTOM_OP_SIZE)
-            version, target = int.from_bytes(raw[0:4], "little"), int.from_bytes(raw[4:8], "little")
-            op_type = raw[8:264].split(b"\0", 1)[0]
-            key = (op_type, version, target)
-            if key in seen:
-                raise InvalidArgumentError(
-                    f"Duplicate custom op definition detected: {op_type.decode()} "
-                    f"(version={version}, target={target}) from {path} (first from {seen[key]})"
-                )
-            seen[key] = path
-        return plugins
-
-    @staticmethod
-    def _load_plugin(path: str) -> Tuple[str, ctypes.CDLL, int]:
-        try:
-            library = ctypes.CDLL(path)
-        except OSError as exc:
-            warnings.warn(
-                f"dlopen {path} fail: {exc} "
-                "(this could lead to a crash due to internal bugs of rknnrt)",
-                EzrtWarning,
-                stacklevel=6,
-            )
-            raise InvalidArgumentError(f"dlopen {path} fail: {exc}") from exc
-        entry = getattr(library, "get_rknn_custom_op", None)
-        if entry is None:
-            raise InvalidArgumentError(
-                f"dlsym fail for get_rknn_custom_op: {path} does not export it"
-            )
-        entry.restype = ctypes.c_void_p
-        entry.argtypes = []
-        address = entry()
-        if not address:
-            raise InvalidArgumentError(f"get_rknn_custom_op returned null ({path})")
-        return path, library, int(address)
-
-    def _register_custom_ops(
-        self, plugins: List[Tuple[str, ctypes.CDLL, int]], contexts: List[int]
-    ) -> None:
-        register = self.rt.optional("rknn_register_custom_ops")
-        ops = ctypes.create_string_buffer(_CUSTOM_OP_SIZE * len(plugins))
-        for i, (_, _, address) in enumerate(plugins):
-            ctypes.memmove(ctypes.addressof(ops) + i * _CUSTOM_OP_SIZE, address, _CUSTOM_OP_SIZE)
-        self._plugins = plugins  # keep the libraries loaded while contexts live
-        for ctx in contexts:
-            abi.check("rknn_register_custom_ops", register(ctx, ops, len(plugins)))
 
     # ------------------------------------------------------------------ running
 
@@ -769,7 +701,7 @@ class RknnBackend(Backend):
             if core_index is not None:
                 self._set_core_mask(core_index, ctx)
             if self._plugins:
-                self._register_custom_ops(self._plugins, [ctx])
+                register_custom_ops(self.rt, self._plugins, [ctx])
         except BaseException:
             self.rt.rknn_destroy(ctx)
             raise
