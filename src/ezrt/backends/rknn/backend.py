@@ -29,12 +29,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ...errors import EzrtError, EzrtWarning, InvalidArgumentError, SessionClosedError
-from ...io import ModelMetadata, NodeArg, TensorSpec, format_shape
+from ...io import ModelMetadata, NodeArg
 from ...options import SessionConfig
 from ..base import Backend, Request
 from . import abi
 from .layout import NativeLayout, dense_strides, span_bytes
 from .memory import ContextSlot, Memory
+from .model import query, query_attr, read_model, try_attr
 from .plugins import Plugin, load_plugins, register_custom_ops
 from .values import IoSpec, RknnOrtValue
 from .zerocopy import BoundRun, map_dmabuf
@@ -47,8 +48,6 @@ perf_logger = logging.getLogger("ezrt.perf")
 PERF_ENV = "ZTU_EZRKNN_ASYNC_PRINT_PERF"
 #: Where ``custom_op_default_path`` looks for ``librkcst_*.so`` plugins.
 DEFAULT_PLUGIN_DIR = "/usr/lib/rknpu/op_plugins/"
-#: What an input may be given as: the runtime converts it to the model's own type.
-INPUT_DTYPES = tuple(abi.NUMPY_TO_TENSOR_TYPE)
 
 
 def _perf_enabled() -> bool:
@@ -77,14 +76,14 @@ class RknnWorker:
         ctx = self._slot.ctx
         arrays = backend.to_native_layout(request.inputs)
         started = time.perf_counter()
-        if backend.dynamic:
+        if backend.model_info.dynamic:
             shapes = backend.shape_attrs(arrays)
             abi.check(
                 "rknn_set_input_shapes",
                 rt.optional("rknn_set_input_shapes")(ctx, len(arrays), shapes),
             )
         inputs = (abi.Input * len(arrays))()
-        for i, (array, fmt) in enumerate(zip(arrays, backend.input_fmts)):
+        for i, (array, fmt) in enumerate(zip(arrays, backend.model_info.input_fmts)):
             entry = inputs[i]
             entry.index = i
             entry.buf = array.ctypes.data
@@ -267,7 +266,6 @@ class RknnBackend(Backend):
         self._memories: weakref.WeakSet[Memory] = weakref.WeakSet()
         self._plugins: List[Plugin] = []
         self.perf = _perf_enabled()
-        self.want_float = config.output_dtype != "native"
         if config.wants_custom_ops:  # said first, as upstream: even if loading then fails
             warnings.warn(
                 "Custom op loading requested; dup_context is disabled for this session to "
@@ -282,7 +280,10 @@ class RknnBackend(Backend):
         self._dup = not (config.disable_dup_context or config.wants_custom_ops or share_with)
         try:
             self._slots.append(ContextSlot(self._new_context(), self, "context 0"))
-            self._read_model_info(self._slots[0].ctx)
+            self.model_info = read_model(self.rt, self._slots[0].ctx, config)
+            self.inputs = self.model_info.inputs
+            self.outputs = self.model_info.outputs
+            self.output_index = self.model_info.output_index
             n_workers = config.threads_per_core * len(config.routes)
             for index in range(1, n_workers):
                 ctx = self._dup_context() if self._dup else self._new_context()
@@ -341,116 +342,6 @@ class RknnBackend(Backend):
         abi.check("rknn_dup_context", code)
         return int(copy.value)
 
-    def _query(self, ctx: int, command: int, info: ctypes.Structure) -> int:
-        return int(self.rt.rknn_query(ctx, command, ctypes.byref(info), ctypes.sizeof(info)))
-
-    def _attr(self, ctx: int, command: int, index: int, kind: str) -> abi.TensorAttr:
-        attr = abi.TensorAttr()
-        attr.index = index
-        abi.check(
-            "rknn_query",
-            self._query(ctx, command, attr),
-            f" for {kind} index {index}",
-        )
-        return attr
-
-    def _read_model_info(self, ctx: int) -> None:
-        counts = abi.InputOutputNum()
-        abi.check("rknn_query", self._query(ctx, abi.QUERY_IN_OUT_NUM, counts))
-        self.input_attrs = [
-            self._attr(ctx, abi.QUERY_INPUT_ATTR, i, "input attr") for i in range(counts.n_input)
-        ]
-        self.output_attrs = [
-            self._attr(ctx, abi.QUERY_OUTPUT_ATTR, i, "output attr") for i in range(counts.n_output)
-        ]
-        version = abi.SdkVersion()
-        self.sdk_version = ""
-        if self._query(ctx, abi.QUERY_SDK_VERSION, version) >= 0:
-            self.sdk_version = version.api_version.decode("utf-8", "replace")
-            parsed = abi.parse_version(self.sdk_version)
-            if parsed and parsed < abi.RECOMMENDED_VERSION:
-                warnings.warn(
-                    f"RKNN API version {self.sdk_version} is likely outdated; behavior may be "
-                    "unstable. Recommended minimum version is 2.4.1.",
-                    EzrtWarning,
-                    stacklevel=5,
-                )
-        custom = abi.CustomString()
-        self.custom_string = ""
-        if self._query(ctx, abi.QUERY_CUSTOM_STRING, custom) >= 0:
-            # Invalid UTF-8 is replaced, not raised on access (upstream W26).
-            self.custom_string = custom.string.decode("utf-8", "replace")
-        self._read_dynamic_ranges(ctx)
-        self._describe_tensors()
-
-    def _read_dynamic_ranges(self, ctx: int) -> None:
-        self.ranges: List[List[Tuple[int, ...]]] = []
-        for i in range(len(self.input_attrs)):
-            found = abi.InputRange()
-            found.index = i
-            shapes: List[Tuple[int, ...]] = []
-            if self._query(ctx, abi.QUERY_INPUT_DYNAMIC_RANGE, found) >= 0:
-                for k in range(min(found.shape_number, abi.MAX_DYNAMIC_SHAPES)):
-                    shapes.append(tuple(int(d) for d in found.dyn_range[k][: found.n_dims]))
-            self.ranges.append(shapes)
-        self.dynamic = any(self.ranges)
-
-    def _user_shape(self, attr: abi.TensorAttr, dims: Sequence[Optional[int]]) -> Tuple[Any, ...]:
-        """The shape the caller feeds for this layout. Only NHWC attrs are permuted (W14)."""
-        dims = tuple(dims)
-        if (
-            attr.n_dims == 4
-            and attr.fmt == abi.FMT_NHWC
-            and self.config.layout
-            in (
-                "nchw",
-                "nchw_software",
-            )
-        ):
-            return (dims[0], dims[3], dims[1], dims[2])
-        return dims
-
-    def _describe_tensors(self) -> None:
-        layout = self.config.layout
-        self.input_fmts: List[int] = []
-        self._transpose: List[bool] = []
-        specs: List[TensorSpec] = []
-        for attr, shapes in zip(self.input_attrs, self.ranges):
-            dims: List[Optional[int]] = list(attr.shape)
-            if shapes:  # dynamic: a dim that differs between allowed shapes is symbolic
-                dims = [d if len({s[a] for s in shapes}) == 1 else None for a, d in enumerate(dims)]
-            four_d_nhwc = attr.n_dims == 4 and attr.fmt == abi.FMT_NHWC
-            if attr.n_dims != 4:
-                fmt = abi.FMT_UNDEFINED
-            elif not four_d_nhwc:
-                fmt = attr.fmt if attr.fmt in (abi.FMT_NCHW, abi.FMT_NHWC) else abi.FMT_UNDEFINED
-            else:
-                fmt = abi.FMT_NCHW if layout == "nchw" else abi.FMT_NHWC
-            self.input_fmts.append(fmt)
-            self._transpose.append(four_d_nhwc and layout == "nchw_software")
-            type_text = abi.TENSOR_TYPES.get(attr.type, (None, "tensor(unknown)"))[1]
-            name = attr.text_name or f"input_{len(specs)}"
-            shape = self._user_shape(attr, dims)
-            if four_d_nhwc:  # the layout of the shape reported, not the attr's (upstream N7)
-                shown = "NCHW" if layout in ("nchw", "nchw_software") else "NHWC"
-            else:
-                shown = abi.FMT_NAMES.get(attr.fmt, "UNDEFINED")
-            specs.append(TensorSpec(name, shape, type_text, accepts=INPUT_DTYPES, layout=shown))
-        self.inputs = specs
-        self.outputs = []
-        for i, attr in enumerate(self.output_attrs):
-            native_type = abi.TENSOR_TYPES.get(attr.type, (None, "tensor(unknown)"))[1]
-            type_text = "tensor(float)" if self.want_float else native_type
-            self.outputs.append(
-                TensorSpec(
-                    attr.text_name or f"output_{i}",
-                    attr.shape,
-                    type_text,
-                    layout=abi.FMT_NAMES.get(attr.fmt, "UNDEFINED"),
-                )
-            )
-        self.output_index = {spec.name: i for i, spec in enumerate(self.outputs)}
-
     def _set_core_mask(self, index: int, ctx: int) -> None:
         routes = self.config.routes
         core = routes[index % len(routes)]
@@ -473,13 +364,15 @@ class RknnBackend(Backend):
         """nchw_software: the caller's NCHW becomes NHWC here (the copy is the worker's)."""
         return [
             np.ascontiguousarray(a.transpose(0, 2, 3, 1)) if transpose else a
-            for a, transpose in zip(arrays, self._transpose)
+            for a, transpose in zip(arrays, self.model_info.transpose)
         ]
 
     def shape_attrs(self, arrays: Sequence[np.ndarray]) -> Any:
         """Attrs for rknn_set_input_shapes: the runtime wants 4-D dims in NHWC order (W13)."""
         attrs = (abi.TensorAttr * len(arrays))()
-        for i, (array, attr, fmt) in enumerate(zip(arrays, self.input_attrs, self.input_fmts)):
+        for i, (array, attr, fmt) in enumerate(
+            zip(arrays, self.model_info.input_attrs, self.model_info.input_fmts)
+        ):
             ctypes.memmove(ctypes.byref(attrs[i]), ctypes.byref(attr), ctypes.sizeof(attr))
             shape = array.shape
             if fmt == abi.FMT_NCHW and attr.fmt == abi.FMT_NHWC and len(shape) == 4:
@@ -492,43 +385,34 @@ class RknnBackend(Backend):
 
     def check_shapes(self, arrays: Sequence[np.ndarray]) -> None:
         """Dynamic models: the shapes must be one of the combinations the model allows."""
-        if not self.dynamic:
-            return
-        for i, (array, attr, shapes) in enumerate(zip(arrays, self.input_attrs, self.ranges)):
-            if not shapes:
-                continue
-            native = array.shape
-            if len(native) == 4 and self.input_fmts[i] != abi.FMT_NHWC and attr.fmt == abi.FMT_NHWC:
-                native = (native[0], native[2], native[3], native[1])
-            if tuple(native) not in shapes:
-                allowed = ", ".join(format_shape(self._user_shape(attr, s)) for s in shapes)
-                raise InvalidArgumentError(
-                    f"Input '{self.inputs[i].name}' shape {format_shape(array.shape)} is not one "
-                    f"the model allows: {allowed}"
-                )
+        self.model_info.check_shapes(arrays)
 
     def fetch_outputs(self, ctx: int) -> List[np.ndarray]:
         rt = self.rt
-        attrs = self.output_attrs
-        if self.dynamic:
+        attrs = self.model_info.output_attrs
+        if self.model_info.dynamic:
             attrs = []
-            for i in range(len(self.output_attrs)):
+            for i in range(len(self.model_info.output_attrs)):
                 current = abi.TensorAttr()
                 current.index = i
-                if self._query(ctx, abi.QUERY_CURRENT_OUTPUT_ATTR, current) < 0:
-                    current = self._attr(ctx, abi.QUERY_OUTPUT_ATTR, i, "output attr")
+                if query(self.rt, ctx, abi.QUERY_CURRENT_OUTPUT_ATTR, current) < 0:
+                    current = query_attr(self.rt, ctx, abi.QUERY_OUTPUT_ATTR, i, "output attr")
                 attrs.append(current)
         results = []
         outputs = (abi.Output * len(attrs))()
         for i, attr in enumerate(attrs):
-            dtype = np.dtype(np.float32) if self.want_float else abi.TENSOR_TYPES[attr.type][0]
+            dtype = (
+                np.dtype(np.float32)
+                if self.model_info.want_float
+                else abi.TENSOR_TYPES[attr.type][0]
+            )
             if dtype is None:
                 raise EzrtError(
                     f"output {i} has an RKNN type numpy cannot hold; use float32 outputs"
                 )
             array = np.empty(attr.shape, dtype=dtype)
             entry = outputs[i]
-            entry.want_float = 1 if self.want_float else 0
+            entry.want_float = 1 if self.model_info.want_float else 0
             entry.is_prealloc = 1
             entry.index = i
             entry.buf = array.ctypes.data
@@ -546,7 +430,11 @@ class RknnBackend(Backend):
     # ------------------------------------------------------------------ the protocol
 
     def metadata(self) -> ModelMetadata:
-        custom = {"rknn_custom_string": self.custom_string} if self.custom_string else {}
+        custom = (
+            {"rknn_custom_string": self.model_info.custom_string}
+            if self.model_info.custom_string
+            else {}
+        )
         return ModelMetadata(producer_name="rknn", custom_metadata_map=custom)
 
     def providers(self) -> List[str]:
@@ -594,21 +482,21 @@ class RknnBackend(Backend):
             raise SessionClosedError("zero-copy I/O rejected: the session is closed")
 
     def _describe_zero_copy(self, ctx: int) -> _ZeroCopy:
-        if self.dynamic:
+        if self.model_info.dynamic:
             raise EzrtError(
                 "zero-copy I/O needs a model with static shapes; this one has dynamic inputs "
                 "(use run / run_async)"
             )
         native_mode = self.config.zero_copy_layout == "native"
         inputs = []
-        for i, attr in enumerate(self.input_attrs):
+        for i, attr in enumerate(self.model_info.input_attrs):
             native = _copy_attr(attr)
             if attr.n_dims == 4:
-                found = self._try_attr(ctx, abi.QUERY_NATIVE_INPUT_ATTR, i)
+                found = try_attr(self.rt, ctx, abi.QUERY_NATIVE_INPUT_ATTR, i)
                 if found is not None:
                     native = found
                     if not native_mode and attr.type in _NHWC_TYPES:
-                        nhwc = self._try_attr(ctx, abi.QUERY_NATIVE_NHWC_INPUT_ATTR, i)
+                        nhwc = try_attr(self.rt, ctx, abi.QUERY_NATIVE_NHWC_INPUT_ATTR, i)
                         if nhwc is not None and nhwc.n_dims == 4:
                             native = nhwc
                         if native.fmt == abi.FMT_NC1HWC2 and native.pass_through == 0:
@@ -618,22 +506,17 @@ class RknnBackend(Backend):
             logical_nhwc = self.config.layout in ("nhwc", "any")
             inputs.append(self._io_spec("input", i, attr, native, logical_nhwc))
         outputs = []
-        for i, attr in enumerate(self.output_attrs):
+        for i, attr in enumerate(self.model_info.output_attrs):
             native = _copy_attr(attr)
             if attr.n_dims == 4:
-                found = self._try_attr(ctx, abi.QUERY_NATIVE_OUTPUT_ATTR, i)
+                found = try_attr(self.rt, ctx, abi.QUERY_NATIVE_OUTPUT_ATTR, i)
                 native = found if found is not None else native
                 if not native_mode and attr.type in _NHWC_TYPES:
-                    nhwc = self._try_attr(ctx, abi.QUERY_NATIVE_NHWC_OUTPUT_ATTR, i)
+                    nhwc = try_attr(self.rt, ctx, abi.QUERY_NATIVE_NHWC_OUTPUT_ATTR, i)
                     if nhwc is not None and nhwc.n_dims == 4:
                         native = nhwc
             outputs.append(self._io_spec("output", i, attr, native, False))
         return _ZeroCopy(self, inputs, outputs)
-
-    def _try_attr(self, ctx: int, command: int, index: int) -> Optional[Any]:
-        attr = abi.TensorAttr()
-        attr.index = index
-        return attr if self._query(ctx, command, attr) >= 0 else None
 
     def _io_spec(self, kind: str, index: int, attr: Any, native: Any, logical_nhwc: bool) -> IoSpec:
         name = (self.inputs if kind == "input" else self.outputs)[index].name
