@@ -28,15 +28,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ...errors import EzrtError, EzrtWarning, InvalidArgumentError, SessionClosedError
+from ...errors import EzrtError, EzrtWarning, InvalidArgumentError
 from ...io import ModelMetadata, NodeArg
 from ...options import SessionConfig
 from ..base import Backend, Request
 from . import abi
+from .contexts import Contexts, check_schedule
 from .layout import NativeLayout, dense_strides, span_bytes
 from .memory import ContextSlot, Memory
 from .model import query, query_attr, read_model, try_attr
-from .plugins import Plugin, load_plugins, register_custom_ops
+from .plugins import Plugin, load_plugins
 from .values import IoSpec, RknnOrtValue
 from .zerocopy import BoundRun, map_dmabuf
 
@@ -248,23 +249,13 @@ class RknnBackend(Backend):
     ) -> None:
         self.config = config
         self._given_options = dict(given_options or {})
-        self._check_config()
+        check_schedule(config)
         self.rt = runtime or abi.load_runtime()
         self._ops = _Ops(self.rt)
-        self._model = model
-        self._master = share_with
-        self._lock = threading.Lock()  # guards _dependents / _closed (weight-sharing lifetime)
-        self._dependents = 0
-        self._closed = False
-        self._released = False
-        self._slots: List[ContextSlot] = []
-        # Zero copy, made on first use: guarded by _zc_lock.
-        self._zc_lock = threading.Lock()
+        # Zero copy, made on first use under the contexts' lock.
         self._zero_copy: Optional[_ZeroCopy] = None
-        self._home: Optional[ContextSlot] = None
-        self._bound_slots: Dict[int, ContextSlot] = {}
+        self._memories_lock = threading.Lock()  # guards _memories
         self._memories: weakref.WeakSet[Memory] = weakref.WeakSet()
-        self._plugins: List[Plugin] = []
         self.perf = _perf_enabled()
         if config.wants_custom_ops:  # said first, as upstream: even if loading then fails
             warnings.warn(
@@ -277,86 +268,21 @@ class RknnBackend(Backend):
         if config.wants_custom_ops:
             default_dir = DEFAULT_PLUGIN_DIR if config.custom_op_default_path else None
             plugins = load_plugins(config.custom_op_paths, default_dir)
-        self._dup = not (config.disable_dup_context or config.wants_custom_ops or share_with)
+        lender = share_with.contexts if share_with is not None else None
+        #: This session's contexts (a ``use_weight_from`` session borrows their weights).
+        self.contexts: Contexts = Contexts(
+            self.rt, model, config, self, lender=lender, plugins=plugins
+        )
         try:
-            self._slots.append(ContextSlot(self._new_context(), self, "context 0"))
-            self.model_info = read_model(self.rt, self._slots[0].ctx, config)
+            self.model_info = read_model(self.rt, self.contexts.open_first().ctx, config)
             self.inputs = self.model_info.inputs
             self.outputs = self.model_info.outputs
             self.output_index = self.model_info.output_index
-            n_workers = config.threads_per_core * len(config.routes)
-            for index in range(1, n_workers):
-                ctx = self._dup_context() if self._dup else self._new_context()
-                self._slots.append(ContextSlot(ctx, self, f"context {index}"))
-            for index, slot in enumerate(self._slots):
-                self._set_core_mask(index, slot.ctx)
-            if plugins:
-                self._plugins = plugins  # keep the libraries loaded while contexts live
-                register_custom_ops(self.rt, plugins, [slot.ctx for slot in self._slots])
+            self.contexts.open_workers(config.threads_per_core * len(config.routes))
         except BaseException:
-            self._destroy_contexts()
+            self.contexts.destroy_all()
             raise
-        if share_with is not None:
-            with share_with._lock:
-                share_with._dependents += 1
-
-    @property
-    def _contexts(self) -> List[int]:
-        return [slot.ctx for slot in self._slots]
-
-    # ------------------------------------------------------------------ construction
-
-    def _check_config(self) -> None:
-        for core in self.config.schedule or ():
-            if core > 15:
-                raise InvalidArgumentError(
-                    f"schedule core {core} is not an NPU core (masks have 16 bits; RK3588 has "
-                    "cores 0-2, RK3576 0-1, RK3566 0)"
-                )
-
-    def _new_context(self) -> int:
-        ctx = abi.Context(0)
-        data = ctypes.create_string_buffer(self._model, len(self._model))
-        if self._master is not None:
-            master = self._master._slots[0]
-            extend = abi.InitExtend()
-            extend.ctx = master.ctx
-            with master:  # the master's context lends its weights: nobody else drives it now
-                code = self.rt.rknn_init(
-                    ctypes.byref(ctx),
-                    data,
-                    len(self._model),
-                    abi.FLAG_SHARE_WEIGHT_MEM,
-                    ctypes.byref(extend),
-                )
-        else:
-            code = self.rt.rknn_init(ctypes.byref(ctx), data, len(self._model), 0, None)
-        abi.check("rknn_init", code)
-        return int(ctx.value)
-
-    def _dup_context(self) -> int:
-        source = abi.Context(self._slots[0].ctx)
-        copy = abi.Context(0)
-        with self._slots[0]:  # context 0 may be running: one thread at a time on it
-            code = self.rt.rknn_dup_context(ctypes.byref(source), ctypes.byref(copy))
-        abi.check("rknn_dup_context", code)
-        return int(copy.value)
-
-    def _set_core_mask(self, index: int, ctx: int) -> None:
-        routes = self.config.routes
-        core = routes[index % len(routes)]
-        mask = self.config.tp_mask if core is None else 1 << core
-        code = self.rt.rknn_set_core_mask(ctx, mask)
-        if code == abi.ERR_TARGET_PLATFORM_UNMATCH and mask in (abi.CORE_AUTO, abi.CORE_0):
-            return  # single-core NPUs refuse any mask; AUTO and core 0 mean the same there
-        if code < 0:
-            raise abi.RknnError(
-                "rknn_set_core_mask",
-                code,
-                f" for thread {index} (mask {mask:#x})",
-                "Maybe you specified a configuration that is not supported by the current "
-                "platform (RK3588: cores 0-2, RK3576: 0-1, RK3566: 0 only).",
-            )
+        self.contexts.borrow()
 
     # ------------------------------------------------------------------ running
 
@@ -425,7 +351,7 @@ class RknnBackend(Backend):
         return results
 
     def make_worker(self, core: Optional[int], slot: int) -> RknnWorker:
-        return RknnWorker(self, self._slots[slot], slot, core)
+        return RknnWorker(self, self.contexts.slots[slot], slot, core)
 
     # ------------------------------------------------------------------ the protocol
 
@@ -452,7 +378,7 @@ class RknnBackend(Backend):
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self.contexts.closed
 
     def native_inputs(self) -> List[NodeArg]:
         """Inputs as zero copy binds them: native dims, type, layout and strides."""
@@ -469,17 +395,13 @@ class RknnBackend(Backend):
         """This session's tensors as zero copy sees them (queried on first use)."""
         zc = self._zero_copy
         if zc is None:
-            with self._zc_lock:
-                self._check_open()
+            with self.contexts.while_open():
                 if self._zero_copy is None:
-                    with self._slots[0]:
-                        self._zero_copy = self._describe_zero_copy(self._slots[0].ctx)
+                    first = self.contexts.slots[0]
+                    with first:
+                        self._zero_copy = self._describe_zero_copy(first.ctx)
                 zc = self._zero_copy
         return zc
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise SessionClosedError("zero-copy I/O rejected: the session is closed")
 
     def _describe_zero_copy(self, ctx: int) -> _ZeroCopy:
         if self.model_info.dynamic:
@@ -577,46 +499,14 @@ class RknnBackend(Backend):
         }
         return IoSpec(name, kind, index, layout, alloc, native, info)
 
-    def _new_slot(self, label: str, core_index: Optional[int]) -> ContextSlot:
-        """A zero-copy context, made like a worker's (dup or init, core mask, custom ops)."""
-        ctx = self._dup_context() if self._dup else self._new_context()
-        try:
-            if core_index is not None:
-                self._set_core_mask(core_index, ctx)
-            if self._plugins:
-                register_custom_ops(self.rt, self._plugins, [ctx])
-        except BaseException:
-            self.rt.rknn_destroy(ctx)
-            raise
-        return ContextSlot(ctx, self, label)
-
-    def _home_slot(self) -> ContextSlot:
-        """The context that allocates and first imports zero-copy memory (never runs)."""
-        with self._zc_lock:
-            self._check_open()
-            if self._home is None:
-                self._home = self._new_slot("zero-copy home context", None)
-            return self._home
-
-    def _bound_slot(self, index: int) -> ContextSlot:
-        slot = self._bound_slots.get(index)
-        if slot is None:
-            with self._zc_lock:
-                self._check_open()
-                slot = self._bound_slots.get(index)
-                if slot is None:
-                    slot = self._new_slot(f"zero-copy context of worker {index}", index)
-                    self._bound_slots[index] = slot
-        return slot
-
     def _track(self, memory: Memory) -> None:
-        with self._zc_lock:
+        with self._memories_lock:
             self._memories.add(memory)
 
     def allocate(self, size: int, mem_flags: int) -> Memory:
         """New NPU memory on the home context (``rknn_create_mem``; ``rknn_create_mem2`` when
         flags are asked for)."""
-        home = self._home_slot()
+        home = self.contexts.home()
         with home:
             if mem_flags:
                 handle = self.rt.optional("rknn_create_mem2")(home.ctx, size, mem_flags)
@@ -642,7 +532,7 @@ class RknnBackend(Backend):
         else:
             owned = os.dup(fd)
             address, source = virt_addr, owned
-        home = self._home_slot()
+        home = self.contexts.home()
         try:
             with home:
                 handle = self._ops.import_fd(home.ctx, source, address, size, offset)
@@ -669,9 +559,9 @@ class RknnBackend(Backend):
         has no dma-buf fd to import elsewhere, on the home context that allocated it)."""
         values = [value for _, value in (*run.inputs, *run.outputs)]
         if any(v.memory.fd < 0 and v.memory.home.owner is self for v in values):
-            slot = self._home_slot()
+            slot = self.contexts.home()
         else:
-            slot = self._bound_slot(index)
+            slot = self.contexts.bound(index)
         rt = self.rt
         set_io = rt.optional("rknn_set_io_mem")
         with slot:
@@ -713,26 +603,13 @@ class RknnBackend(Backend):
         """A new SessionIOBinding for ``session`` (which it keeps alive)."""
         from .binding import RknnIOBinding
 
-        self._check_open()
+        self.contexts.check_open()
         return RknnIOBinding(session, self)
 
     # ------------------------------------------------------------------ lifetime
 
-    def _destroy_contexts(self) -> None:
-        slots = [*self._bound_slots.values(), *([self._home] if self._home else []), *self._slots]
-        for slot in slots:
-            with slot:
-                slot.run_pending()  # frees queued for this context go before it
-                slot.closed = True
-                code = self.rt.rknn_destroy(slot.ctx)
-            if code < 0:
-                logger.warning("ezrt: rknn_destroy failed: %s", abi.status_text(code))
-        self._slots = []
-        self._bound_slots = {}
-        self._home = None
-
     def _free_memories(self) -> None:
-        with self._zc_lock:
+        with self._memories_lock:
             memories = list(self._memories)
             self._memories = weakref.WeakSet()
         for memory in memories:
@@ -742,32 +619,11 @@ class RknnBackend(Backend):
                 memory.drop_imports(self)
 
     def close(self) -> None:
-        """Free zero-copy memory, then destroy the contexts; a master whose weights slaves
+        """Free zero-copy memory, then destroy the contexts; a session whose weights others
         borrow keeps its contexts until they close."""
-        with self._zc_lock:
-            first = not self._closed
-            self._closed = True
-        if first:
+        if self.contexts.close():
             self._free_memories()
-        with self._lock:
-            ready = self._dependents == 0
-        if ready:
-            self._release()
-
-    def _release(self) -> None:
-        with self._lock:
-            if self._released:
-                return
-            self._released = True
-        self._destroy_contexts()
-        master, self._master = self._master, None
-        if master is None:
-            return
-        with master._lock:
-            master._dependents -= 1
-            ready = master._closed and master._dependents == 0
-        if ready:
-            master._release()
+        self.contexts.release()
 
 
 def _nhwc_like(attr: Any, native: Any) -> Any:
