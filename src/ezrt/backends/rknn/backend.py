@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ...errors import EzrtWarning, InvalidArgumentError
+from ...errors import EzrtWarning
 from ...io import ModelMetadata, NodeArg
 from ...options import SessionConfig
 from ..base import Backend
@@ -143,14 +143,9 @@ class RknnBackend(Backend):
     def bound_payload(self, binding: Any, run_options: Any = None) -> BoundRun:
         """The engine payload for ``run_with_iobinding``: checked and frozen on the caller's
         thread, run by whichever worker takes it (:meth:`RknnWorker.run`)."""
-        from .binding import RknnIOBinding
+        from .binding import bound_payload
 
-        if not isinstance(binding, RknnIOBinding) or binding._backend is not self:
-            raise InvalidArgumentError(
-                "IoBinding belongs to a different session (make it with this session's "
-                "io_binding())"
-            )
-        return binding.snapshot()
+        return bound_payload(binding, self)
 
     def io_binding(self, session: Any) -> Any:
         """A new SessionIOBinding for ``session`` (which it keeps alive)."""

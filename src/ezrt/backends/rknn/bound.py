@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
@@ -22,11 +21,11 @@ from ...options import SessionConfig
 from . import abi
 from .contexts import Contexts
 from .layout import NativeLayout
-from .memory import ContextSlot, Memory
+from .memory import ContextSlot, Memory, describe_mem
 from .model import ModelInfo
 from .native import copy_attr, describe_inputs, describe_outputs
 from .values import IoSpec, RknnOrtValue
-from .zerocopy import BoundRun, map_dmabuf
+from .zerocopy import BoundRun, hold_dmabuf, import_held
 
 __all__ = ["RknnZeroCopy"]
 
@@ -60,13 +59,7 @@ class _Ops:
         return handle
 
     def describe(self, handle: Any) -> Dict[str, int]:
-        mem = handle.contents
-        return {
-            "virt_addr": int(mem.virt_addr or 0),
-            "fd": int(mem.fd),
-            "offset": int(mem.offset),
-            "size": int(mem.size),
-        }
+        return describe_mem(handle)
 
 
 class _View:
@@ -191,33 +184,18 @@ class RknnZeroCopy:
     def import_dmabuf(self, fd: int, size: int, offset: int, virt_addr: Optional[int]) -> Memory:
         """The caller's dma-buf, imported into the home context (the fd is dup'ed and, without
         ``virt_addr``, mapped: the value owns both)."""
-        owned: Optional[int] = None
-        mapping = None
-        if virt_addr is None:
-            owned, mapping = map_dmabuf(fd, size, offset)
-            address = ctypes.addressof((ctypes.c_char * len(mapping)).from_buffer(mapping))
-            source = owned
-        else:
-            owned = os.dup(fd)
-            address, source = virt_addr, owned
+        held = hold_dmabuf(fd, size, offset, virt_addr)
         home = self._contexts.home()
-        try:
-            with home:
-                handle = self._ops.import_fd(home.ctx, source, address, size, offset)
-        except BaseException:
-            if mapping is not None:
-                mapping.close()
-            os.close(owned)
-            raise
+        handle = import_held(self._ops, home, held, size, offset)
         memory = Memory(
             self._ops,
             home,
             handle,
             size=size,
-            owned_fd=owned,
-            mapping=mapping,
+            owned_fd=held.fd,
+            mapping=held.mapping,
             dmabuf=True,
-            where=(owned, address, offset),  # what the caller gave, whatever the runtime echoes
+            where=(held.fd, held.address, offset),  # what the caller gave, not the runtime's echo
         )
         self._track(memory)
         return memory

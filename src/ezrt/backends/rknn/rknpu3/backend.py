@@ -32,10 +32,10 @@ from ....options import SessionConfig
 from ...base import Backend, Request
 from ..container import companion_weight_path
 from ..layout import NativeLayout, dense_strides, span_bytes
-from ..memory import ContextSlot, Memory
+from ..memory import ContextSlot, Memory, describe_mem
 from ..options import Rknpu3Config
 from ..values import IoSpec, RknnOrtValue
-from ..zerocopy import BoundRun, map_dmabuf
+from ..zerocopy import BoundRun, hold_dmabuf, import_held
 from . import abi
 
 __all__ = ["Rknpu3Backend"]
@@ -71,13 +71,7 @@ class _Ops:
         return handle
 
     def describe(self, handle: Any) -> Dict[str, int]:
-        mem = handle.contents
-        return {
-            "virt_addr": int(mem.virt_addr or 0),
-            "fd": int(mem.fd),
-            "offset": int(mem.offset),
-            "size": int(mem.size),
-        }
+        return describe_mem(handle)
 
 
 def _layout_of(attr: Any, name: str) -> Tuple[NativeLayout, Optional[np.dtype]]:
@@ -498,21 +492,9 @@ class Rknpu3Backend(Backend):
             )
         with self._lock:
             self._check_open()
-        mapping = None
-        if virt_addr is None:
-            owned, mapping = map_dmabuf(fd, size, offset)
-            address = ctypes.addressof((ctypes.c_char * len(mapping)).from_buffer(mapping))
-        else:
-            owned, address = os.dup(fd), virt_addr
-        try:
-            with self._slot:
-                handle = self._ops.import_fd(self._slot.ctx, owned, address, size, offset)
-        except BaseException:
-            if mapping is not None:
-                mapping.close()
-            os.close(owned)
-            raise
-        memory = self._adopt(handle, spec, owned, mapping, (owned, address, offset))
+        held = hold_dmabuf(fd, size, offset, virt_addr)
+        handle = import_held(self._ops, self._slot, held, size, offset)
+        memory = self._adopt(handle, spec, held.fd, held.mapping, (held.fd, held.address, offset))
         with self._lock:
             self._memories.add(memory)
         return memory
@@ -553,14 +535,10 @@ class Rknpu3Backend(Backend):
         )
 
     def bound_payload(self, binding: Any, run_options: Any = None) -> BoundRun:
-        from ..binding import RknnIOBinding
+        """The engine payload for ``run_with_iobinding`` (run by whichever worker takes it)."""
+        from ..binding import bound_payload
 
-        if not isinstance(binding, RknnIOBinding) or binding._backend is not self:
-            raise InvalidArgumentError(
-                "IoBinding belongs to a different session (make it with this session's "
-                "io_binding())"
-            )
-        return binding.snapshot()
+        return bound_payload(binding, self)
 
     def io_binding(self, session: Any) -> Any:
         from ..binding import RknnIOBinding
