@@ -93,6 +93,56 @@ def _layout_of(attr: Any, name: str) -> Tuple[NativeLayout, Optional[np.dtype]]:
     return layout, dtype
 
 
+def _query_attr(rt: abi.Runtime3, ctx: int, kind: str, command: int, index: int) -> Any:
+    """The attr of ``kind`` tensor ``index``, checked for what ezrt relies on."""
+    attr = abi.TensorAttr()
+    attr.index = index
+    code = rt.rknn3_query(ctx, command, ctypes.byref(attr), ctypes.sizeof(abi.TensorAttr))
+    abi.check(f"rknn3_query({kind} attr {index})", code)
+    if attr.n_dims > abi.MAX_DIMS or attr.n_stride > abi.MAX_STRIDES:
+        raise EzrtError(f"invalid RKNPU3 {kind} tensor rank/stride rank")
+    if attr.aligned_size == 0:
+        raise EzrtError(f"RKNPU3 {kind} tensor has aligned_size=0")
+    return attr
+
+
+def _io_spec(attr: Any, kind: str, index: int) -> IoSpec:
+    """A tensor as zero copy (and, on RKNPU3, every run) sees it."""
+    name = attr.text_name or f"{kind}_{index}"
+    layout, dtype = _layout_of(attr, name)
+    itemsize = layout.itemsize
+    info = {
+        "attr_size": int(attr.n_elems) * itemsize,
+        "size_with_stride": int(attr.aligned_size) if attr.aligned_size <= 0xFFFFFFFF else 0,
+        "w_stride": 0,
+        "h_stride": 0,
+        "fmt": int(attr.layout),
+        "pass_through": False,
+        "aligned_size": int(attr.aligned_size),
+        "core_id": int(attr.core_id),
+        "layout": layout.name,
+        "strides": list(attr.strides),
+        "_supported": dtype is not None,
+    }
+    alloc = max(int(attr.aligned_size), span_bytes(layout.dims, layout.strides, itemsize))
+    return IoSpec(name, kind, index, layout, alloc, abi.TensorAttr.from_buffer_copy(attr), info)
+
+
+def _tensor_spec(spec: IoSpec) -> TensorSpec:
+    """What the caller sees of a tensor: its native shape, layout and strides."""
+    dtype = spec.dtype if spec.info["_supported"] else None
+    accepts = _FLOAT_FEEDS if dtype == np.float16 else None
+    return TensorSpec(
+        spec.name,
+        spec.layout.dims,
+        abi.TENSOR_TYPES.get(int(spec.attr.dtype), (None, "tensor(unknown)"))[1],
+        dtype=None if accepts else dtype,
+        accepts=accepts,
+        layout=spec.layout.name,
+        strides=tuple(spec.attr.strides),
+    )
+
+
 class Rknpu3Worker:
     """Runs tasks on the shared context with NPU memory of its own for one task's I/O."""
 
@@ -322,63 +372,15 @@ class Rknpu3Backend(Backend):
         code = self.rt.rknn3_query(ctx, abi.QUERY_IN_OUT_NUM, ctypes.byref(counts), 8)
         abi.check("rknn3_query(IN_OUT_NUM)", code)
         specs: Dict[str, List[IoSpec]] = {"input": [], "output": []}
-        args: Dict[str, List[TensorSpec]] = {"input": [], "output": []}
         for kind, command, count in (
             ("input", abi.QUERY_INPUT_ATTR, counts.n_input),
             ("output", abi.QUERY_OUTPUT_ATTR, counts.n_output),
         ):
             for i in range(count):
-                attr = abi.TensorAttr()
-                attr.index = i
-                code = self.rt.rknn3_query(
-                    ctx, command, ctypes.byref(attr), ctypes.sizeof(abi.TensorAttr)
-                )
-                abi.check(f"rknn3_query({kind} attr {i})", code)
-                if attr.n_dims > abi.MAX_DIMS or attr.n_stride > abi.MAX_STRIDES:
-                    raise EzrtError(f"invalid RKNPU3 {kind} tensor rank/stride rank")
-                if attr.aligned_size == 0:
-                    raise EzrtError(f"RKNPU3 {kind} tensor has aligned_size=0")
-                name = attr.text_name or f"{kind}_{i}"
-                layout, dtype = _layout_of(attr, name)
-                type_text = abi.TENSOR_TYPES.get(int(attr.dtype), (None, "tensor(unknown)"))[1]
-                itemsize = layout.itemsize
-                info = {
-                    "attr_size": int(attr.n_elems) * itemsize,
-                    "size_with_stride": int(attr.aligned_size)
-                    if attr.aligned_size <= 0xFFFFFFFF
-                    else 0,
-                    "w_stride": 0,
-                    "h_stride": 0,
-                    "fmt": int(attr.layout),
-                    "pass_through": False,
-                    "aligned_size": int(attr.aligned_size),
-                    "core_id": int(attr.core_id),
-                    "layout": layout.name,
-                    "strides": list(attr.strides),
-                    "_supported": dtype is not None,
-                }
-                alloc = max(
-                    int(attr.aligned_size), span_bytes(layout.dims, layout.strides, itemsize)
-                )
-                specs[kind].append(
-                    IoSpec(
-                        name, kind, i, layout, alloc, abi.TensorAttr.from_buffer_copy(attr), info
-                    )
-                )
-                accepts = _FLOAT_FEEDS if dtype == np.float16 else None
-                args[kind].append(
-                    TensorSpec(
-                        name,
-                        layout.dims,
-                        type_text,
-                        dtype=None if accepts else dtype,
-                        accepts=accepts,
-                        layout=layout.name,
-                        strides=tuple(attr.strides),
-                    )
-                )
-        self.inputs = args["input"]
-        self.outputs = args["output"]
+                attr = _query_attr(self.rt, ctx, kind, command, i)
+                specs[kind].append(_io_spec(attr, kind, i))
+        self.inputs = [_tensor_spec(spec) for spec in specs["input"]]
+        self.outputs = [_tensor_spec(spec) for spec in specs["output"]]
         self.output_index = {spec.name: i for i, spec in enumerate(self.outputs)}
         self.zero_copy = _ZeroCopy3(self, specs["input"], specs["output"])
 
