@@ -1,232 +1,44 @@
 """The RKNPU2 backend: one librknnrt context per worker, each pinned to its NPU core.
 
-Every copy-path context is created up front, in the constructing thread: context 0 by
-``rknn_init``, the others by ``rknn_dup_context`` (weights shared) or a fresh ``rknn_init``
-when dup is disabled (option, custom ops, or weight sharing, where each init borrows the
-master's weights). Each context gets its core mask (``schedule``: ``1 << core``; otherwise
-the ``tp_mode`` mask). If anything fails half-way, every context already made is destroyed.
+:class:`RknnBackend` is the session's side of the protocol; it composes the parts that do
+the work, each handed what it needs:
 
-Zero copy (``OrtValue`` / ``IOBinding``) uses contexts of its own, made on first use the same
-way: a *home* context that allocates NPU memory (``rknn_create_mem``) and imports dma-bufs,
-and one context per worker that runs bound inferences (``rknn_set_io_mem`` + ``rknn_run``).
-A context whose I/O memory was set never runs ``rknn_inputs_set``, so a bound buffer can
-never be overwritten by another task's input. Every context sits in a
-:class:`~ezrt.backends.rknn.memory.ContextSlot`: one thread at a time calls the runtime on
-it, so bound runs are safe beside ``run_async`` and run on every worker.
+* :mod:`.contexts`: every context of the session, made (init or dup, core mask, custom
+  ops) and destroyed, with weight sharing's lifetime;
+* :mod:`.plugins`: custom-op libraries, loaded and checked before any context;
+* :mod:`.model`: the model's tensors and versions, read from the first context;
+* :mod:`.worker`: the workers and the copy path they run;
+* :mod:`.bound` and :mod:`.native`: zero copy (``OrtValue`` / ``IOBinding``): the native
+  tensors it binds, the NPU memory it makes or imports, bound runs.
+
+Every copy-path context is created up front, in the constructing thread. If anything fails
+half-way, every context already made is destroyed.
 """
 
 from __future__ import annotations
 
-import ctypes
-import glob
-import logging
-import os
-import threading
-import time
 import warnings
-import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ...errors import EzrtError, EzrtWarning, InvalidArgumentError, SessionClosedError
-from ...io import ModelMetadata, NodeArg, TensorSpec, format_shape
+from ...errors import EzrtWarning
+from ...io import ModelMetadata, NodeArg
 from ...options import SessionConfig
-from ..base import Backend, Request
+from ..base import Backend
 from . import abi
-from .layout import NativeLayout, dense_strides, span_bytes
-from .memory import ContextSlot, Memory
-from .values import IoSpec, RknnOrtValue
-from .zerocopy import BoundRun, map_dmabuf
+from .bound import RknnZeroCopy
+from .contexts import Contexts, check_schedule
+from .model import INPUT_DTYPES, ModelInfo, read_model
+from .native import native_arg
+from .plugins import load_plugins
+from .worker import PERF_ENV, CopyPath, RknnWorker, perf_enabled
+from .zerocopy import BoundRun, ZeroCopyModel
 
-__all__ = ["RknnBackend", "RknnWorker"]
+__all__ = ["DEFAULT_PLUGIN_DIR", "INPUT_DTYPES", "PERF_ENV", "RknnBackend", "RknnWorker"]
 
-logger = logging.getLogger("ezrt")
-perf_logger = logging.getLogger("ezrt.perf")
-
-PERF_ENV = "ZTU_EZRKNN_ASYNC_PRINT_PERF"
+#: Where ``custom_op_default_path`` looks for ``librkcst_*.so`` plugins.
 DEFAULT_PLUGIN_DIR = "/usr/lib/rknpu/op_plugins/"
-_CUSTOM_OP_SIZE = 832  # sizeof(rknn_custom_op)
-#: What an input may be given as: the runtime converts it to the model's own type.
-INPUT_DTYPES = tuple(abi.NUMPY_TO_TENSOR_TYPE)
-
-
-def _perf_enabled() -> bool:
-    return os.environ.get(PERF_ENV, "").lower() in ("1", "true", "on", "yes")
-
-
-class RknnWorker:
-    """Runs requests on one context, from one thread; bound runs on its zero-copy context."""
-
-    def __init__(self, backend: RknnBackend, slot: ContextSlot, index: int, core: Optional[int]):
-        self._backend = backend
-        self._slot = slot
-        self._index = index
-        self._core = -1 if core is None else core
-        self._perf = backend.perf
-
-    def run(self, request: Any) -> Any:
-        if type(request) is BoundRun:
-            return self._backend.execute_bound(request, self._index)
-        with self._slot:
-            return self._run(request)
-
-    def _run(self, request: Request) -> List[Any]:
-        backend = self._backend
-        rt = backend.rt
-        ctx = self._slot.ctx
-        arrays = backend.to_native_layout(request.inputs)
-        started = time.perf_counter()
-        if backend.dynamic:
-            shapes = backend.shape_attrs(arrays)
-            abi.check(
-                "rknn_set_input_shapes",
-                rt.optional("rknn_set_input_shapes")(ctx, len(arrays), shapes),
-            )
-        inputs = (abi.Input * len(arrays))()
-        for i, (array, fmt) in enumerate(zip(arrays, backend.input_fmts)):
-            entry = inputs[i]
-            entry.index = i
-            entry.buf = array.ctypes.data
-            entry.size = array.nbytes
-            entry.pass_through = 0
-            entry.type = abi.NUMPY_TO_TENSOR_TYPE[array.dtype]
-            entry.fmt = fmt
-        abi.check("rknn_inputs_set", rt.rknn_inputs_set(ctx, len(arrays), inputs))
-        set_input = time.perf_counter()
-        abi.check("rknn_run", rt.rknn_run(ctx, None))
-        ran = time.perf_counter()
-        results = backend.fetch_outputs(ctx)
-        done = time.perf_counter()
-        if self._perf:
-            perf_logger.info(
-                "[ztu_ez_rknn_async_perf] thread_id=%d core_id=%d set_input_us=%d infer_us=%d "
-                "copy_output_us=%d total_us=%d",
-                self._index,
-                self._core,
-                (set_input - started) * 1e6,
-                (ran - set_input) * 1e6,
-                (done - ran) * 1e6,
-                (done - started) * 1e6,
-            )
-        if request.fetch is None:
-            return results
-        return [results[backend.output_index[name]] for name in request.fetch]
-
-    def close(self) -> None:
-        """Contexts are destroyed by the backend once every worker has stopped."""
-
-
-class _Ops:
-    """librknnrt's memory calls, as :class:`~ezrt.backends.rknn.memory.Memory` uses them."""
-
-    family = "rknpu2"
-
-    def __init__(self, rt: abi.Runtime) -> None:
-        self.rt = rt
-
-    def destroy_mem(self, ctx: int, handle: Any) -> None:
-        code = self.rt.optional("rknn_destroy_mem")(ctx, handle)
-        if code < 0:  # nothing the caller could do: the memory is gone either way
-            logger.warning("ezrt: rknn_destroy_mem failed: %s", abi.status_text(code))
-
-    def mem_sync(self, ctx: int, handle: Any, mode: int) -> None:
-        direction = {abi.SYNC_TO_DEVICE: "TO_DEVICE", abi.SYNC_FROM_DEVICE: "FROM_DEVICE"}
-        code = self.rt.optional("rknn_mem_sync")(ctx, handle, mode)
-        abi.check(f"rknn_mem_sync({direction.get(mode, mode)})", code)
-
-    def import_fd(self, ctx: int, fd: int, virt_addr: int, size: int, offset: int) -> Any:
-        handle = self.rt.optional("rknn_create_mem_from_fd")(ctx, fd, virt_addr, size, offset)
-        if not handle:
-            raise EzrtError(
-                f"rknn_create_mem_from_fd failed (fd {fd}, {size} bytes at offset {offset})"
-            )
-        return handle
-
-    def describe(self, handle: Any) -> Dict[str, int]:
-        mem = handle.contents
-        return {
-            "virt_addr": int(mem.virt_addr or 0),
-            "fd": int(mem.fd),
-            "offset": int(mem.offset),
-            "size": int(mem.size),
-        }
-
-
-def _native_strides(attr: Any) -> Tuple[int, ...]:
-    """Element strides of a native RKNPU2 attr (w_stride/h_stride pad rows)."""
-    dims = attr.shape
-    if attr.fmt == abi.FMT_NHWC and len(dims) == 4:
-        _, h, w, c = dims
-        wp, hp = attr.w_stride or w, attr.h_stride or h
-        return (hp * wp * c, wp * c, c, 1)
-    if attr.fmt == abi.FMT_NC1HWC2 and len(dims) == 5:
-        _, c1, h, w, c2 = dims
-        wp, hp = attr.w_stride or w, attr.h_stride or h
-        return (c1 * hp * wp * c2, hp * wp * c2, wp * c2, c2, 1)
-    if attr.fmt == abi.FMT_NCHW and len(dims) == 4:
-        _, c, h, w = dims
-        wp, hp = attr.w_stride or w, attr.h_stride or h
-        return (c * hp * wp, hp * wp, wp, 1)
-    return dense_strides(dims)
-
-
-def _copy_attr(attr: Any) -> Any:
-    return abi.TensorAttr.from_buffer_copy(attr)
-
-
-#: Element types RKNN's NATIVE_NHWC queries support (upstream asks only for these).
-_NHWC_TYPES = (0, 1, 2, 3)
-
-
-class _ZeroCopy:
-    """The zero-copy view of one RKNPU2 session: its tensors and its memory calls."""
-
-    family = "rknpu2"
-
-    def __init__(self, backend: RknnBackend, inputs: List[IoSpec], outputs: List[IoSpec]):
-        self._backend = backend
-        self.inputs = inputs
-        self.outputs = outputs
-
-    def allocate(self, spec: IoSpec, mem_flags: int) -> Memory:
-        return self._backend.allocate(spec.alloc_bytes, mem_flags)
-
-    def import_dmabuf(
-        self, spec: IoSpec, fd: int, size: int, offset: int, virt_addr: Optional[int]
-    ) -> Memory:
-        return self._backend.import_dmabuf(fd, size, offset, virt_addr)
-
-    def hatch_layout(self, spec: IoSpec, shape: Tuple[int, ...]) -> Optional[NativeLayout]:
-        return None
-
-    def check_bindable(self, spec: IoSpec, value: RknnOrtValue) -> None:
-        if value.backend is self._backend:
-            return
-        mine, theirs = spec.layout, value.layout
-        wrong = [
-            f"{what} expected {a}, got {b}"
-            for what, a, b in (
-                ("fmt", mine.name, theirs.name),
-                ("dims", list(mine.dims), list(theirs.dims)),
-                ("strides", list(mine.strides), list(theirs.strides)),
-                ("type", mine.dtype, theirs.dtype),
-                ("pass_through", spec.info["pass_through"], value.spec.info["pass_through"]),
-            )
-            if a != b
-        ]
-        if wrong:
-            raise InvalidArgumentError(
-                f"OrtValue for {spec.io_kind} '{spec.name}' native zero-copy layout mismatch: "
-                + "; ".join(wrong)
-                + ". The OrtValue buffer was written using a different RKNN native layout "
-                "(another session or zero_copy_layout); create it for this session."
-            )
-        if value.memory.size < spec.layout.nbytes:
-            raise InvalidArgumentError(
-                f"OrtValue buffer is too small for bound tensor: required {spec.layout.nbytes} "
-                f"bytes, got {value.memory.size} bytes"
-            )
 
 
 class RknnBackend(Backend):
@@ -249,25 +61,8 @@ class RknnBackend(Backend):
     ) -> None:
         self.config = config
         self._given_options = dict(given_options or {})
-        self._check_config()
+        check_schedule(config)
         self.rt = runtime or abi.load_runtime()
-        self._ops = _Ops(self.rt)
-        self._model = model
-        self._master = share_with
-        self._lock = threading.Lock()  # guards _dependents / _closed (weight-sharing lifetime)
-        self._dependents = 0
-        self._closed = False
-        self._released = False
-        self._slots: List[ContextSlot] = []
-        # Zero copy, made on first use: guarded by _zc_lock.
-        self._zc_lock = threading.Lock()
-        self._zero_copy: Optional[_ZeroCopy] = None
-        self._home: Optional[ContextSlot] = None
-        self._bound_slots: Dict[int, ContextSlot] = {}
-        self._memories: weakref.WeakSet[Memory] = weakref.WeakSet()
-        self._plugins: List[Tuple[str, ctypes.CDLL, int]] = []
-        self.perf = _perf_enabled()
-        self.want_float = config.output_dtype != "native"
         if config.wants_custom_ops:  # said first, as upstream: even if loading then fails
             warnings.warn(
                 "Custom op loading requested; dup_context is disabled for this session to "
@@ -275,347 +70,43 @@ class RknnBackend(Backend):
                 EzrtWarning,
                 stacklevel=4,
             )
-        plugins = self._load_plugins() if config.wants_custom_ops else []
-        self._dup = not (config.disable_dup_context or config.wants_custom_ops or share_with)
-        try:
-            self._slots.append(ContextSlot(self._new_context(), self, "context 0"))
-            self._read_model_info(self._slots[0].ctx)
-            n_workers = config.threads_per_core * len(config.routes)
-            for index in range(1, n_workers):
-                ctx = self._dup_context() if self._dup else self._new_context()
-                self._slots.append(ContextSlot(ctx, self, f"context {index}"))
-            for index, slot in enumerate(self._slots):
-                self._set_core_mask(index, slot.ctx)
-            if plugins:
-                self._register_custom_ops(plugins, [slot.ctx for slot in self._slots])
-        except BaseException:
-            self._destroy_contexts()
-            raise
-        if share_with is not None:
-            with share_with._lock:
-                share_with._dependents += 1
-
-    @property
-    def _contexts(self) -> List[int]:
-        return [slot.ctx for slot in self._slots]
-
-    # ------------------------------------------------------------------ construction
-
-    def _check_config(self) -> None:
-        for core in self.config.schedule or ():
-            if core > 15:
-                raise InvalidArgumentError(
-                    f"schedule core {core} is not an NPU core (masks have 16 bits; RK3588 has "
-                    "cores 0-2, RK3576 0-1, RK3566 0)"
-                )
-
-    def _new_context(self) -> int:
-        ctx = abi.Context(0)
-        data = ctypes.create_string_buffer(self._model, len(self._model))
-        if self._master is not None:
-            master = self._master._slots[0]
-            extend = abi.InitExtend()
-            extend.ctx = master.ctx
-            with master:  # the master's context lends its weights: nobody else drives it now
-                code = self.rt.rknn_init(
-                    ctypes.byref(ctx),
-                    data,
-                    len(self._model),
-                    abi.FLAG_SHARE_WEIGHT_MEM,
-                    ctypes.byref(extend),
-                )
-        else:
-            code = self.rt.rknn_init(ctypes.byref(ctx), data, len(self._model), 0, None)
-        abi.check("rknn_init", code)
-        return int(ctx.value)
-
-    def _dup_context(self) -> int:
-        source = abi.Context(self._slots[0].ctx)
-        copy = abi.Context(0)
-        with self._slots[0]:  # context 0 may be running: one thread at a time on it
-            code = self.rt.rknn_dup_context(ctypes.byref(source), ctypes.byref(copy))
-        abi.check("rknn_dup_context", code)
-        return int(copy.value)
-
-    def _query(self, ctx: int, command: int, info: ctypes.Structure) -> int:
-        return int(self.rt.rknn_query(ctx, command, ctypes.byref(info), ctypes.sizeof(info)))
-
-    def _attr(self, ctx: int, command: int, index: int, kind: str) -> abi.TensorAttr:
-        attr = abi.TensorAttr()
-        attr.index = index
-        abi.check(
-            "rknn_query",
-            self._query(ctx, command, attr),
-            f" for {kind} index {index}",
+        plugins = []
+        if config.wants_custom_ops:
+            default_dir = DEFAULT_PLUGIN_DIR if config.custom_op_default_path else None
+            plugins = load_plugins(config.custom_op_paths, default_dir)
+        lender = share_with.contexts if share_with is not None else None
+        #: This session's contexts (a ``use_weight_from`` session borrows their weights).
+        self.contexts: Contexts = Contexts(
+            self.rt, model, config, self, lender=lender, plugins=plugins
         )
-        return attr
-
-    def _read_model_info(self, ctx: int) -> None:
-        counts = abi.InputOutputNum()
-        abi.check("rknn_query", self._query(ctx, abi.QUERY_IN_OUT_NUM, counts))
-        self.input_attrs = [
-            self._attr(ctx, abi.QUERY_INPUT_ATTR, i, "input attr") for i in range(counts.n_input)
-        ]
-        self.output_attrs = [
-            self._attr(ctx, abi.QUERY_OUTPUT_ATTR, i, "output attr") for i in range(counts.n_output)
-        ]
-        version = abi.SdkVersion()
-        self.sdk_version = ""
-        if self._query(ctx, abi.QUERY_SDK_VERSION, version) >= 0:
-            self.sdk_version = version.api_version.decode("utf-8", "replace")
-            parsed = abi.parse_version(self.sdk_version)
-            if parsed and parsed < abi.RECOMMENDED_VERSION:
-                warnings.warn(
-                    f"RKNN API version {self.sdk_version} is likely outdated; behavior may be "
-                    "unstable. Recommended minimum version is 2.4.1.",
-                    EzrtWarning,
-                    stacklevel=5,
-                )
-        custom = abi.CustomString()
-        self.custom_string = ""
-        if self._query(ctx, abi.QUERY_CUSTOM_STRING, custom) >= 0:
-            # Invalid UTF-8 is replaced, not raised on access (upstream W26).
-            self.custom_string = custom.string.decode("utf-8", "replace")
-        self._read_dynamic_ranges(ctx)
-        self._describe_tensors()
-
-    def _read_dynamic_ranges(self, ctx: int) -> None:
-        self.ranges: List[List[Tuple[int, ...]]] = []
-        for i in range(len(self.input_attrs)):
-            found = abi.InputRange()
-            found.index = i
-            shapes: List[Tuple[int, ...]] = []
-            if self._query(ctx, abi.QUERY_INPUT_DYNAMIC_RANGE, found) >= 0:
-                for k in range(min(found.shape_number, abi.MAX_DYNAMIC_SHAPES)):
-                    shapes.append(tuple(int(d) for d in found.dyn_range[k][: found.n_dims]))
-            self.ranges.append(shapes)
-        self.dynamic = any(self.ranges)
-
-    def _user_shape(self, attr: abi.TensorAttr, dims: Sequence[Optional[int]]) -> Tuple[Any, ...]:
-        """The shape the caller feeds for this layout. Only NHWC attrs are permuted (W14)."""
-        dims = tuple(dims)
-        if (
-            attr.n_dims == 4
-            and attr.fmt == abi.FMT_NHWC
-            and self.config.layout
-            in (
-                "nchw",
-                "nchw_software",
-            )
-        ):
-            return (dims[0], dims[3], dims[1], dims[2])
-        return dims
-
-    def _describe_tensors(self) -> None:
-        layout = self.config.layout
-        self.input_fmts: List[int] = []
-        self._transpose: List[bool] = []
-        specs: List[TensorSpec] = []
-        for attr, shapes in zip(self.input_attrs, self.ranges):
-            dims: List[Optional[int]] = list(attr.shape)
-            if shapes:  # dynamic: a dim that differs between allowed shapes is symbolic
-                dims = [d if len({s[a] for s in shapes}) == 1 else None for a, d in enumerate(dims)]
-            four_d_nhwc = attr.n_dims == 4 and attr.fmt == abi.FMT_NHWC
-            if attr.n_dims != 4:
-                fmt = abi.FMT_UNDEFINED
-            elif not four_d_nhwc:
-                fmt = attr.fmt if attr.fmt in (abi.FMT_NCHW, abi.FMT_NHWC) else abi.FMT_UNDEFINED
-            else:
-                fmt = abi.FMT_NCHW if layout == "nchw" else abi.FMT_NHWC
-            self.input_fmts.append(fmt)
-            self._transpose.append(four_d_nhwc and layout == "nchw_software")
-            type_text = abi.TENSOR_TYPES.get(attr.type, (None, "tensor(unknown)"))[1]
-            name = attr.text_name or f"input_{len(specs)}"
-            shape = self._user_shape(attr, dims)
-            if four_d_nhwc:  # the layout of the shape reported, not the attr's (upstream N7)
-                shown = "NCHW" if layout in ("nchw", "nchw_software") else "NHWC"
-            else:
-                shown = abi.FMT_NAMES.get(attr.fmt, "UNDEFINED")
-            specs.append(TensorSpec(name, shape, type_text, accepts=INPUT_DTYPES, layout=shown))
-        self.inputs = specs
-        self.outputs = []
-        for i, attr in enumerate(self.output_attrs):
-            native_type = abi.TENSOR_TYPES.get(attr.type, (None, "tensor(unknown)"))[1]
-            type_text = "tensor(float)" if self.want_float else native_type
-            self.outputs.append(
-                TensorSpec(
-                    attr.text_name or f"output_{i}",
-                    attr.shape,
-                    type_text,
-                    layout=abi.FMT_NAMES.get(attr.fmt, "UNDEFINED"),
-                )
-            )
-        self.output_index = {spec.name: i for i, spec in enumerate(self.outputs)}
-
-    def _set_core_mask(self, index: int, ctx: int) -> None:
-        routes = self.config.routes
-        core = routes[index % len(routes)]
-        mask = self.config.tp_mask if core is None else 1 << core
-        code = self.rt.rknn_set_core_mask(ctx, mask)
-        if code == abi.ERR_TARGET_PLATFORM_UNMATCH and mask in (abi.CORE_AUTO, abi.CORE_0):
-            return  # single-core NPUs refuse any mask; AUTO and core 0 mean the same there
-        if code < 0:
-            raise abi.RknnError(
-                "rknn_set_core_mask",
-                code,
-                f" for thread {index} (mask {mask:#x})",
-                "Maybe you specified a configuration that is not supported by the current "
-                "platform (RK3588: cores 0-2, RK3576: 0-1, RK3566: 0 only).",
-            )
-
-    # ------------------------------------------------------------------ custom ops
-
-    def _load_plugins(self) -> List[Tuple[str, ctypes.CDLL, int]]:
-        plugins: List[Tuple[str, ctypes.CDLL, int]] = []
-        for path in self.config.custom_op_paths:
-            plugins.append(self._load_plugin(path))
-        if self.config.custom_op_default_path:
-            directory = DEFAULT_PLUGIN_DIR
-            if not os.path.isdir(directory):
-                warnings.warn(
-                    f"Default plugin directory does not exist: {directory}",
-                    EzrtWarning,
-                    stacklevel=5,
-                )
-            for path in sorted(glob.glob(os.path.join(directory, "librkcst_*.so"))):
-                try:
-                    plugins.append(self._load_plugin(path))
-                except EzrtError as exc:
-                    warnings.warn(
-                        f"Failed to load plugin {os.path.basename(path)}: {exc}",
-                        EzrtWarning,
-                        stacklevel=5,
-                    )
-        seen: Dict[Tuple[bytes, int, int], str] = {}
-        for path, _, address in plugins:
-            raw = ctypes.string_at(address, _CUSTOM_OP_SIZE)
-            version, target = int.from_bytes(raw[0:4], "little"), int.from_bytes(raw[4:8], "little")
-            op_type = raw[8:264].split(b"\0", 1)[0]
-            key = (op_type, version, target)
-            if key in seen:
-                raise InvalidArgumentError(
-                    f"Duplicate custom op definition detected: {op_type.decode()} "
-                    f"(version={version}, target={target}) from {path} (first from {seen[key]})"
-                )
-            seen[key] = path
-        return plugins
-
-    @staticmethod
-    def _load_plugin(path: str) -> Tuple[str, ctypes.CDLL, int]:
         try:
-            library = ctypes.CDLL(path)
-        except OSError as exc:
-            warnings.warn(
-                f"dlopen {path} fail: {exc} "
-                "(this could lead to a crash due to internal bugs of rknnrt)",
-                EzrtWarning,
-                stacklevel=6,
-            )
-            raise InvalidArgumentError(f"dlopen {path} fail: {exc}") from exc
-        entry = getattr(library, "get_rknn_custom_op", None)
-        if entry is None:
-            raise InvalidArgumentError(
-                f"dlsym fail for get_rknn_custom_op: {path} does not export it"
-            )
-        entry.restype = ctypes.c_void_p
-        entry.argtypes = []
-        address = entry()
-        if not address:
-            raise InvalidArgumentError(f"get_rknn_custom_op returned null ({path})")
-        return path, library, int(address)
-
-    def _register_custom_ops(
-        self, plugins: List[Tuple[str, ctypes.CDLL, int]], contexts: List[int]
-    ) -> None:
-        register = self.rt.optional("rknn_register_custom_ops")
-        ops = ctypes.create_string_buffer(_CUSTOM_OP_SIZE * len(plugins))
-        for i, (_, _, address) in enumerate(plugins):
-            ctypes.memmove(ctypes.addressof(ops) + i * _CUSTOM_OP_SIZE, address, _CUSTOM_OP_SIZE)
-        self._plugins = plugins  # keep the libraries loaded while contexts live
-        for ctx in contexts:
-            abi.check("rknn_register_custom_ops", register(ctx, ops, len(plugins)))
-
-    # ------------------------------------------------------------------ running
-
-    def to_native_layout(self, arrays: Tuple[np.ndarray, ...]) -> List[np.ndarray]:
-        """nchw_software: the caller's NCHW becomes NHWC here (the copy is the worker's)."""
-        return [
-            np.ascontiguousarray(a.transpose(0, 2, 3, 1)) if transpose else a
-            for a, transpose in zip(arrays, self._transpose)
-        ]
-
-    def shape_attrs(self, arrays: Sequence[np.ndarray]) -> Any:
-        """Attrs for rknn_set_input_shapes: the runtime wants 4-D dims in NHWC order (W13)."""
-        attrs = (abi.TensorAttr * len(arrays))()
-        for i, (array, attr, fmt) in enumerate(zip(arrays, self.input_attrs, self.input_fmts)):
-            ctypes.memmove(ctypes.byref(attrs[i]), ctypes.byref(attr), ctypes.sizeof(attr))
-            shape = array.shape
-            if fmt == abi.FMT_NCHW and attr.fmt == abi.FMT_NHWC and len(shape) == 4:
-                shape = (shape[0], shape[2], shape[3], shape[1])
-            attrs[i].n_dims = len(shape)
-            for axis, size in enumerate(shape):
-                attrs[i].dims[axis] = size
-            attrs[i].fmt = abi.FMT_NHWC if attr.fmt == abi.FMT_NHWC else abi.FMT_UNDEFINED
-        return attrs
-
-    def check_shapes(self, arrays: Sequence[np.ndarray]) -> None:
-        """Dynamic models: the shapes must be one of the combinations the model allows."""
-        if not self.dynamic:
-            return
-        for i, (array, attr, shapes) in enumerate(zip(arrays, self.input_attrs, self.ranges)):
-            if not shapes:
-                continue
-            native = array.shape
-            if len(native) == 4 and self.input_fmts[i] != abi.FMT_NHWC and attr.fmt == abi.FMT_NHWC:
-                native = (native[0], native[2], native[3], native[1])
-            if tuple(native) not in shapes:
-                allowed = ", ".join(format_shape(self._user_shape(attr, s)) for s in shapes)
-                raise InvalidArgumentError(
-                    f"Input '{self.inputs[i].name}' shape {format_shape(array.shape)} is not one "
-                    f"the model allows: {allowed}"
-                )
-
-    def fetch_outputs(self, ctx: int) -> List[np.ndarray]:
-        rt = self.rt
-        attrs = self.output_attrs
-        if self.dynamic:
-            attrs = []
-            for i in range(len(self.output_attrs)):
-                current = abi.TensorAttr()
-                current.index = i
-                if self._query(ctx, abi.QUERY_CURRENT_OUTPUT_ATTR, current) < 0:
-                    current = self._attr(ctx, abi.QUERY_OUTPUT_ATTR, i, "output attr")
-                attrs.append(current)
-        results = []
-        outputs = (abi.Output * len(attrs))()
-        for i, attr in enumerate(attrs):
-            dtype = np.dtype(np.float32) if self.want_float else abi.TENSOR_TYPES[attr.type][0]
-            if dtype is None:
-                raise EzrtError(
-                    f"output {i} has an RKNN type numpy cannot hold; use float32 outputs"
-                )
-            array = np.empty(attr.shape, dtype=dtype)
-            entry = outputs[i]
-            entry.want_float = 1 if self.want_float else 0
-            entry.is_prealloc = 1
-            entry.index = i
-            entry.buf = array.ctypes.data
-            entry.size = array.nbytes
-            results.append(array)
-        try:
-            abi.check("rknn_outputs_get", rt.rknn_outputs_get(ctx, len(attrs), outputs, None))
-        finally:
-            rt.rknn_outputs_release(ctx, len(attrs), outputs)
-        return results
-
-    def make_worker(self, core: Optional[int], slot: int) -> RknnWorker:
-        return RknnWorker(self, self._slots[slot], slot, core)
+            self.model_info: ModelInfo = read_model(self.rt, self.contexts.open_first().ctx, config)
+            self.contexts.open_workers(config.threads_per_core * len(config.routes))
+        except BaseException:
+            self.contexts.destroy_all()
+            raise
+        self.inputs = self.model_info.inputs
+        self.outputs = self.model_info.outputs
+        self.output_index = self.model_info.output_index
+        self._copy_path = CopyPath(self.rt, self.model_info, perf_enabled())
+        self._zero_copy = RknnZeroCopy(self, self.rt, self.contexts, self.model_info, config)
+        self.contexts.borrow()
 
     # ------------------------------------------------------------------ the protocol
 
+    def make_worker(self, core: Optional[int], slot: int) -> RknnWorker:
+        return RknnWorker(self._copy_path, self._zero_copy, self.contexts.slots[slot], slot, core)
+
+    def check_shapes(self, arrays: Sequence[np.ndarray]) -> None:
+        """Dynamic models: the shapes must be one of the combinations the model allows."""
+        self.model_info.check_shapes(arrays)
+
     def metadata(self) -> ModelMetadata:
-        custom = {"rknn_custom_string": self.custom_string} if self.custom_string else {}
-        return ModelMetadata(producer_name="rknn", custom_metadata_map=custom)
+        custom = self.model_info.custom_string
+        return ModelMetadata(
+            producer_name="rknn",
+            custom_metadata_map={"rknn_custom_string": custom} if custom else {},
+        )
 
     def providers(self) -> List[str]:
         """As upstream 0.11: the canonical name, even when the alias was asked for."""
@@ -632,348 +123,42 @@ class RknnBackend(Backend):
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self.contexts.closed
 
     def native_inputs(self) -> List[NodeArg]:
         """Inputs as zero copy binds them: native dims, type, layout and strides."""
-        return [_native_arg(spec) for spec in self.zero_copy.inputs]
+        return [native_arg(spec) for spec in self.zero_copy.inputs]
 
     def native_outputs(self) -> List[NodeArg]:
         """Outputs as zero copy binds them: native dims, type, layout and strides."""
-        return [_native_arg(spec) for spec in self.zero_copy.outputs]
+        return [native_arg(spec) for spec in self.zero_copy.outputs]
 
     # ------------------------------------------------------------------ zero copy
 
     @property
-    def zero_copy(self) -> _ZeroCopy:
+    def zero_copy(self) -> ZeroCopyModel:
         """This session's tensors as zero copy sees them (queried on first use)."""
-        zc = self._zero_copy
-        if zc is None:
-            with self._zc_lock:
-                self._check_open()
-                if self._zero_copy is None:
-                    with self._slots[0]:
-                        self._zero_copy = self._describe_zero_copy(self._slots[0].ctx)
-                zc = self._zero_copy
-        return zc
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise SessionClosedError("zero-copy I/O rejected: the session is closed")
-
-    def _describe_zero_copy(self, ctx: int) -> _ZeroCopy:
-        if self.dynamic:
-            raise EzrtError(
-                "zero-copy I/O needs a model with static shapes; this one has dynamic inputs "
-                "(use run / run_async)"
-            )
-        native_mode = self.config.zero_copy_layout == "native"
-        inputs = []
-        for i, attr in enumerate(self.input_attrs):
-            native = _copy_attr(attr)
-            if attr.n_dims == 4:
-                found = self._try_attr(ctx, abi.QUERY_NATIVE_INPUT_ATTR, i)
-                if found is not None:
-                    native = found
-                    if not native_mode and attr.type in _NHWC_TYPES:
-                        nhwc = self._try_attr(ctx, abi.QUERY_NATIVE_NHWC_INPUT_ATTR, i)
-                        if nhwc is not None and nhwc.n_dims == 4:
-                            native = nhwc
-                        if native.fmt == abi.FMT_NC1HWC2 and native.pass_through == 0:
-                            native = _nhwc_like(attr, native)
-                if native.fmt == abi.FMT_NC1HWC2:
-                    native.pass_through = 1  # the buffer holds NC1HWC2 bytes: ezrt packs them
-            logical_nhwc = self.config.layout in ("nhwc", "any")
-            inputs.append(self._io_spec("input", i, attr, native, logical_nhwc))
-        outputs = []
-        for i, attr in enumerate(self.output_attrs):
-            native = _copy_attr(attr)
-            if attr.n_dims == 4:
-                found = self._try_attr(ctx, abi.QUERY_NATIVE_OUTPUT_ATTR, i)
-                native = found if found is not None else native
-                if not native_mode and attr.type in _NHWC_TYPES:
-                    nhwc = self._try_attr(ctx, abi.QUERY_NATIVE_NHWC_OUTPUT_ATTR, i)
-                    if nhwc is not None and nhwc.n_dims == 4:
-                        native = nhwc
-            outputs.append(self._io_spec("output", i, attr, native, False))
-        return _ZeroCopy(self, inputs, outputs)
-
-    def _try_attr(self, ctx: int, command: int, index: int) -> Optional[Any]:
-        attr = abi.TensorAttr()
-        attr.index = index
-        return attr if self._query(ctx, command, attr) >= 0 else None
-
-    def _io_spec(self, kind: str, index: int, attr: Any, native: Any, logical_nhwc: bool) -> IoSpec:
-        name = (self.inputs if kind == "input" else self.outputs)[index].name
-        dtype = abi.TENSOR_TYPES.get(native.type, (None, ""))[0]
-        if dtype is None:
-            raise EzrtError(
-                f"zero-copy {kind} '{name}' has RKNN tensor type {native.type}, which numpy "
-                "cannot hold"
-            )
-        dims = attr.shape
-        order = "NCHW"
-        if len(dims) == 4 and attr.fmt == abi.FMT_NHWC:
-            n, h, w, c = dims
-            if logical_nhwc:
-                order = "NHWC"
-            else:
-                dims = (n, c, h, w)
-        elif len(dims) == 4 and kind == "output":
-            order = "NCHW"  # output attrs of 4-D tensors are NCHW
-        mapping = {
-            abi.FMT_NHWC: "nhwc",
-            abi.FMT_NC1HWC2: "nc1hwc2",
-            abi.FMT_NCHW: "nchw",
-        }.get(native.fmt, "identity")
-        if len(dims) != 4 or (mapping == "nchw" and order == "NCHW"):
-            mapping = "identity"
-        native_dims = native.shape
-        strides = _native_strides(native)
-        if mapping == "identity" and native_dims != dims:
-            dims = native_dims  # a layout ezrt cannot map: the caller sees the native tensor
-        layout = NativeLayout(
-            abi.FMT_NAMES.get(native.fmt, "UNDEFINED"),
-            native_dims,
-            strides,
-            np.dtype(dtype),
-            tuple(dims),
-            mapping,
-            order,
-        )
-        itemsize = np.dtype(dtype).itemsize
-        alloc = max(
-            int(native.size_with_stride),
-            int(native.size),
-            span_bytes(native_dims, strides, itemsize),
-            1,
-        )
-        info = {
-            "attr_size": int(native.n_elems) * itemsize,
-            "size_with_stride": int(native.size_with_stride),
-            "w_stride": int(native.w_stride),
-            "h_stride": int(native.h_stride),
-            "fmt": int(native.fmt),
-            "pass_through": bool(native.pass_through),
-            "aligned_size": alloc,
-            "core_id": -1,
-            "layout": layout.name,
-            "strides": list(strides),
-        }
-        return IoSpec(name, kind, index, layout, alloc, native, info)
-
-    def _new_slot(self, label: str, core_index: Optional[int]) -> ContextSlot:
-        """A zero-copy context, made like a worker's (dup or init, core mask, custom ops)."""
-        ctx = self._dup_context() if self._dup else self._new_context()
-        try:
-            if core_index is not None:
-                self._set_core_mask(core_index, ctx)
-            if self._plugins:
-                self._register_custom_ops(self._plugins, [ctx])
-        except BaseException:
-            self.rt.rknn_destroy(ctx)
-            raise
-        return ContextSlot(ctx, self, label)
-
-    def _home_slot(self) -> ContextSlot:
-        """The context that allocates and first imports zero-copy memory (never runs)."""
-        with self._zc_lock:
-            self._check_open()
-            if self._home is None:
-                self._home = self._new_slot("zero-copy home context", None)
-            return self._home
-
-    def _bound_slot(self, index: int) -> ContextSlot:
-        slot = self._bound_slots.get(index)
-        if slot is None:
-            with self._zc_lock:
-                self._check_open()
-                slot = self._bound_slots.get(index)
-                if slot is None:
-                    slot = self._new_slot(f"zero-copy context of worker {index}", index)
-                    self._bound_slots[index] = slot
-        return slot
-
-    def _track(self, memory: Memory) -> None:
-        with self._zc_lock:
-            self._memories.add(memory)
-
-    def allocate(self, size: int, mem_flags: int) -> Memory:
-        """New NPU memory on the home context (``rknn_create_mem``; ``rknn_create_mem2`` when
-        flags are asked for)."""
-        home = self._home_slot()
-        with home:
-            if mem_flags:
-                handle = self.rt.optional("rknn_create_mem2")(home.ctx, size, mem_flags)
-                api = "rknn_create_mem2"
-            else:
-                handle = self.rt.optional("rknn_create_mem")(home.ctx, size)
-                api = "rknn_create_mem"
-        if not handle:
-            raise EzrtError(f"{api} failed: could not allocate {size} bytes of NPU memory")
-        memory = Memory(self._ops, home, handle, size=size)
-        self._track(memory)
-        return memory
-
-    def import_dmabuf(self, fd: int, size: int, offset: int, virt_addr: Optional[int]) -> Memory:
-        """The caller's dma-buf, imported into the home context (the fd is dup'ed and, without
-        ``virt_addr``, mapped: the value owns both)."""
-        owned: Optional[int] = None
-        mapping = None
-        if virt_addr is None:
-            owned, mapping = map_dmabuf(fd, size, offset)
-            address = ctypes.addressof((ctypes.c_char * len(mapping)).from_buffer(mapping))
-            source = owned
-        else:
-            owned = os.dup(fd)
-            address, source = virt_addr, owned
-        home = self._home_slot()
-        try:
-            with home:
-                handle = self._ops.import_fd(home.ctx, source, address, size, offset)
-        except BaseException:
-            if mapping is not None:
-                mapping.close()
-            os.close(owned)
-            raise
-        memory = Memory(
-            self._ops,
-            home,
-            handle,
-            size=size,
-            owned_fd=owned,
-            mapping=mapping,
-            dmabuf=True,
-            where=(owned, address, offset),  # what the caller gave, whatever the runtime echoes
-        )
-        self._track(memory)
-        return memory
-
-    def execute_bound(self, run: BoundRun, index: int) -> None:
-        """One bound inference on worker ``index``'s zero-copy context (or, when a buffer
-        has no dma-buf fd to import elsewhere, on the home context that allocated it)."""
-        values = [value for _, value in (*run.inputs, *run.outputs)]
-        if any(v.memory.fd < 0 and v.memory.home.owner is self for v in values):
-            slot = self._home_slot()
-        else:
-            slot = self._bound_slot(index)
-        rt = self.rt
-        set_io = rt.optional("rknn_set_io_mem")
-        with slot:
-            for kind, pairs in (("input", run.inputs), ("output", run.outputs)):
-                for spec, value in pairs:
-                    memory = value.memory
-                    handle = memory.handle_for(slot)
-                    if memory.home.owner is not self:  # another session's: drop it at close
-                        self._track(memory)
-                    if memory.size < spec.layout.nbytes:
-                        raise EzrtError(
-                            f"Bound {kind} OrtValue is too small for {kind}: {spec.name} "
-                            f"({memory.size} bytes, needs {spec.layout.nbytes})"
-                        )
-                    memory.sync_for_run(slot, handle, is_input=kind == "input")
-                    attr = _copy_attr(spec.attr)
-                    abi.check(
-                        "rknn_set_io_mem",
-                        set_io(slot.ctx, handle, ctypes.byref(attr)),
-                        f" for {kind} index {spec.index}",
-                    )
-            abi.check("rknn_run", rt.rknn_run(slot.ctx, None))
-            for _, value in run.outputs:
-                value.memory.written_by_device()
+        return self._zero_copy.view()
 
     def bound_payload(self, binding: Any, run_options: Any = None) -> BoundRun:
         """The engine payload for ``run_with_iobinding``: checked and frozen on the caller's
         thread, run by whichever worker takes it (:meth:`RknnWorker.run`)."""
-        from .binding import RknnIOBinding
+        from .binding import bound_payload
 
-        if not isinstance(binding, RknnIOBinding) or binding._backend is not self:
-            raise InvalidArgumentError(
-                "IoBinding belongs to a different session (make it with this session's "
-                "io_binding())"
-            )
-        return binding.snapshot()
+        return bound_payload(binding, self)
 
     def io_binding(self, session: Any) -> Any:
         """A new SessionIOBinding for ``session`` (which it keeps alive)."""
         from .binding import RknnIOBinding
 
-        self._check_open()
+        self.contexts.check_open()
         return RknnIOBinding(session, self)
 
     # ------------------------------------------------------------------ lifetime
 
-    def _destroy_contexts(self) -> None:
-        slots = [*self._bound_slots.values(), *([self._home] if self._home else []), *self._slots]
-        for slot in slots:
-            with slot:
-                slot.run_pending()  # frees queued for this context go before it
-                slot.closed = True
-                code = self.rt.rknn_destroy(slot.ctx)
-            if code < 0:
-                logger.warning("ezrt: rknn_destroy failed: %s", abi.status_text(code))
-        self._slots = []
-        self._bound_slots = {}
-        self._home = None
-
-    def _free_memories(self) -> None:
-        with self._zc_lock:
-            memories = list(self._memories)
-            self._memories = weakref.WeakSet()
-        for memory in memories:
-            if memory.home.owner is self:
-                memory.free()
-            else:
-                memory.drop_imports(self)
-
     def close(self) -> None:
-        """Free zero-copy memory, then destroy the contexts; a master whose weights slaves
+        """Free zero-copy memory, then destroy the contexts; a session whose weights others
         borrow keeps its contexts until they close."""
-        with self._zc_lock:
-            first = not self._closed
-            self._closed = True
-        if first:
-            self._free_memories()
-        with self._lock:
-            ready = self._dependents == 0
-        if ready:
-            self._release()
-
-    def _release(self) -> None:
-        with self._lock:
-            if self._released:
-                return
-            self._released = True
-        self._destroy_contexts()
-        master, self._master = self._master, None
-        if master is None:
-            return
-        with master._lock:
-            master._dependents -= 1
-            ready = master._closed and master._dependents == 0
-        if ready:
-            master._release()
-
-
-def _nhwc_like(attr: Any, native: Any) -> Any:
-    """Upstream's NHWC attr for an NC1HWC2-native input: the logical NHWC dims with the
-    native row stride (the runtime converts NHWC to NC1HWC2 itself, pass_through 0)."""
-    made = _copy_attr(attr)
-    n, h, w, c = attr.shape
-    made.fmt = abi.FMT_NHWC
-    made.w_stride = native.w_stride
-    made.h_stride = native.h_stride
-    made.pass_through = 0
-    itemsize = abi.TENSOR_TYPES[attr.type][0].itemsize  # type: ignore[union-attr]
-    made.size_with_stride = n * (native.h_stride or h) * (native.w_stride or w) * c * itemsize
-    return made
-
-
-def _native_arg(spec: IoSpec) -> NodeArg:
-    return NodeArg(
-        spec.name,
-        list(spec.layout.dims),
-        abi.TENSOR_TYPES.get(int(spec.attr.type), (None, "tensor(unknown)"))[1],
-        spec.layout.name,
-        list(spec.layout.strides),
-    )
+        if self.contexts.close():
+            self._zero_copy.free_memories()
+        self.contexts.release()

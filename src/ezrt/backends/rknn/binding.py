@@ -21,7 +21,7 @@ from ...errors import InvalidArgumentError, InvalidTypeError, SessionClosedError
 from .values import CpuOrtValue, IoSpec, RknnOrtValue
 from .zerocopy import BoundRun, new_value, parse_dtype, parse_mem_flags, parse_shape, spec_of
 
-__all__ = ["RknnIOBinding"]
+__all__ = ["RknnIOBinding", "bound_payload"]
 
 
 class RknnIOBinding:
@@ -235,6 +235,16 @@ class RknnIOBinding:
         for spec, value in (*inputs, *outputs):
             value.memory.check_alive(f"run_with_iobinding ({spec.io_kind} '{spec.name}')")
         return BoundRun(inputs, outputs)
+
+
+def bound_payload(binding: Any, backend: Any) -> BoundRun:
+    """The engine payload of ``run_with_iobinding`` on ``backend`` (either RKNN family):
+    the binding, checked to be that session's, frozen on the caller's thread."""
+    if not isinstance(binding, RknnIOBinding) or binding._backend is not backend:
+        raise InvalidArgumentError(
+            "IoBinding belongs to a different session (make it with this session's io_binding())"
+        )
+    return binding.snapshot()
 
 
 def _device_of(value: Any) -> str:

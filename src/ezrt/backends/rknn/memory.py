@@ -30,9 +30,21 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Tuple
 
 from ...errors import EzrtError, SessionClosedError
 
-__all__ = ["ContextSlot", "DeviceOps", "Memory"]
+__all__ = ["ContextSlot", "DeviceOps", "Memory", "describe_mem"]
 
 SYNC_TO_DEVICE, SYNC_FROM_DEVICE = 1, 2
+
+
+def describe_mem(handle: Any) -> Dict[str, int]:
+    """``virt_addr``, ``fd``, ``offset``, ``size`` of a runtime memory handle (a pointer to
+    RKNPU2's ``rknn_tensor_mem`` or RKNPU3's ``rknn3_tensor_mem``: both name them alike)."""
+    mem = handle.contents
+    return {
+        "virt_addr": int(mem.virt_addr or 0),
+        "fd": int(mem.fd),
+        "offset": int(mem.offset),
+        "size": int(mem.size),
+    }
 
 
 class DeviceOps(Protocol):

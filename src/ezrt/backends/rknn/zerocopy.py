@@ -9,21 +9,25 @@ IOBinding call them.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import operator
 import os
-from typing import Any, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
 from ...errors import EzrtError, InvalidArgumentError, InvalidTypeError
 from .layout import NativeLayout
-from .memory import Memory
+from .memory import ContextSlot, DeviceOps, Memory
 from .values import IoSpec, RknnOrtValue, format_dims, type_name
 
 __all__ = [
     "BoundRun",
+    "DmabufHold",
     "ZeroCopyModel",
+    "hold_dmabuf",
+    "import_held",
     "new_value",
     "parse_mem_flags",
     "parse_shape",
@@ -262,3 +266,38 @@ def map_dmabuf(fd: int, size: int, offset: int) -> Tuple[int, mmap.mmap]:
         os.close(owned)
         raise EzrtError(f"mmap dma-buf fd failed: {exc}") from exc
     return owned, mapping
+
+
+class DmabufHold(NamedTuple):
+    """ezrt's own hold on a caller's dma-buf: a dup of its fd and, when the caller gave no
+    ``virt_addr``, a mapping of it. The :class:`Memory` made from it owns both."""
+
+    fd: int
+    mapping: Optional[mmap.mmap]
+    address: int  # where the CPU sees the buffer: the mapping, or the caller's virt_addr
+
+    def release(self) -> None:
+        """Let go of the hold (the import it was made for failed)."""
+        if self.mapping is not None:
+            self.mapping.close()
+        os.close(self.fd)
+
+
+def hold_dmabuf(fd: int, size: int, offset: int, virt_addr: Optional[int]) -> DmabufHold:
+    """Dup (and, without ``virt_addr``, map) the caller's dma-buf ``fd``."""
+    if virt_addr is None:
+        owned, mapping = map_dmabuf(fd, size, offset)
+        address = ctypes.addressof((ctypes.c_char * len(mapping)).from_buffer(mapping))
+        return DmabufHold(owned, mapping, address)
+    return DmabufHold(os.dup(fd), None, virt_addr)
+
+
+def import_held(ops: DeviceOps, slot: ContextSlot, held: DmabufHold, size: int, offset: int) -> Any:
+    """The runtime's handle for ``held`` imported into ``slot``'s context; on failure the
+    hold is released."""
+    try:
+        with slot:
+            return ops.import_fd(slot.ctx, held.fd, held.address, size, offset)
+    except BaseException:
+        held.release()
+        raise

@@ -32,10 +32,10 @@ from ....options import SessionConfig
 from ...base import Backend, Request
 from ..container import companion_weight_path
 from ..layout import NativeLayout, dense_strides, span_bytes
-from ..memory import ContextSlot, Memory
+from ..memory import ContextSlot, Memory, describe_mem
 from ..options import Rknpu3Config
 from ..values import IoSpec, RknnOrtValue
-from ..zerocopy import BoundRun, map_dmabuf
+from ..zerocopy import BoundRun, hold_dmabuf, import_held
 from . import abi
 
 __all__ = ["Rknpu3Backend"]
@@ -71,13 +71,7 @@ class _Ops:
         return handle
 
     def describe(self, handle: Any) -> Dict[str, int]:
-        mem = handle.contents
-        return {
-            "virt_addr": int(mem.virt_addr or 0),
-            "fd": int(mem.fd),
-            "offset": int(mem.offset),
-            "size": int(mem.size),
-        }
+        return describe_mem(handle)
 
 
 def _layout_of(attr: Any, name: str) -> Tuple[NativeLayout, Optional[np.dtype]]:
@@ -97,6 +91,56 @@ def _layout_of(attr: Any, name: str) -> Tuple[NativeLayout, Optional[np.dtype]]:
         opaque=opaque,
     )
     return layout, dtype
+
+
+def _query_attr(rt: abi.Runtime3, ctx: int, kind: str, command: int, index: int) -> Any:
+    """The attr of ``kind`` tensor ``index``, checked for what ezrt relies on."""
+    attr = abi.TensorAttr()
+    attr.index = index
+    code = rt.rknn3_query(ctx, command, ctypes.byref(attr), ctypes.sizeof(abi.TensorAttr))
+    abi.check(f"rknn3_query({kind} attr {index})", code)
+    if attr.n_dims > abi.MAX_DIMS or attr.n_stride > abi.MAX_STRIDES:
+        raise EzrtError(f"invalid RKNPU3 {kind} tensor rank/stride rank")
+    if attr.aligned_size == 0:
+        raise EzrtError(f"RKNPU3 {kind} tensor has aligned_size=0")
+    return attr
+
+
+def _io_spec(attr: Any, kind: str, index: int) -> IoSpec:
+    """A tensor as zero copy (and, on RKNPU3, every run) sees it."""
+    name = attr.text_name or f"{kind}_{index}"
+    layout, dtype = _layout_of(attr, name)
+    itemsize = layout.itemsize
+    info = {
+        "attr_size": int(attr.n_elems) * itemsize,
+        "size_with_stride": int(attr.aligned_size) if attr.aligned_size <= 0xFFFFFFFF else 0,
+        "w_stride": 0,
+        "h_stride": 0,
+        "fmt": int(attr.layout),
+        "pass_through": False,
+        "aligned_size": int(attr.aligned_size),
+        "core_id": int(attr.core_id),
+        "layout": layout.name,
+        "strides": list(attr.strides),
+        "_supported": dtype is not None,
+    }
+    alloc = max(int(attr.aligned_size), span_bytes(layout.dims, layout.strides, itemsize))
+    return IoSpec(name, kind, index, layout, alloc, abi.TensorAttr.from_buffer_copy(attr), info)
+
+
+def _tensor_spec(spec: IoSpec) -> TensorSpec:
+    """What the caller sees of a tensor: its native shape, layout and strides."""
+    dtype = spec.dtype if spec.info["_supported"] else None
+    accepts = _FLOAT_FEEDS if dtype == np.float16 else None
+    return TensorSpec(
+        spec.name,
+        spec.layout.dims,
+        abi.TENSOR_TYPES.get(int(spec.attr.dtype), (None, "tensor(unknown)"))[1],
+        dtype=None if accepts else dtype,
+        accepts=accepts,
+        layout=spec.layout.name,
+        strides=tuple(spec.attr.strides),
+    )
 
 
 class Rknpu3Worker:
@@ -328,63 +372,15 @@ class Rknpu3Backend(Backend):
         code = self.rt.rknn3_query(ctx, abi.QUERY_IN_OUT_NUM, ctypes.byref(counts), 8)
         abi.check("rknn3_query(IN_OUT_NUM)", code)
         specs: Dict[str, List[IoSpec]] = {"input": [], "output": []}
-        args: Dict[str, List[TensorSpec]] = {"input": [], "output": []}
         for kind, command, count in (
             ("input", abi.QUERY_INPUT_ATTR, counts.n_input),
             ("output", abi.QUERY_OUTPUT_ATTR, counts.n_output),
         ):
             for i in range(count):
-                attr = abi.TensorAttr()
-                attr.index = i
-                code = self.rt.rknn3_query(
-                    ctx, command, ctypes.byref(attr), ctypes.sizeof(abi.TensorAttr)
-                )
-                abi.check(f"rknn3_query({kind} attr {i})", code)
-                if attr.n_dims > abi.MAX_DIMS or attr.n_stride > abi.MAX_STRIDES:
-                    raise EzrtError(f"invalid RKNPU3 {kind} tensor rank/stride rank")
-                if attr.aligned_size == 0:
-                    raise EzrtError(f"RKNPU3 {kind} tensor has aligned_size=0")
-                name = attr.text_name or f"{kind}_{i}"
-                layout, dtype = _layout_of(attr, name)
-                type_text = abi.TENSOR_TYPES.get(int(attr.dtype), (None, "tensor(unknown)"))[1]
-                itemsize = layout.itemsize
-                info = {
-                    "attr_size": int(attr.n_elems) * itemsize,
-                    "size_with_stride": int(attr.aligned_size)
-                    if attr.aligned_size <= 0xFFFFFFFF
-                    else 0,
-                    "w_stride": 0,
-                    "h_stride": 0,
-                    "fmt": int(attr.layout),
-                    "pass_through": False,
-                    "aligned_size": int(attr.aligned_size),
-                    "core_id": int(attr.core_id),
-                    "layout": layout.name,
-                    "strides": list(attr.strides),
-                    "_supported": dtype is not None,
-                }
-                alloc = max(
-                    int(attr.aligned_size), span_bytes(layout.dims, layout.strides, itemsize)
-                )
-                specs[kind].append(
-                    IoSpec(
-                        name, kind, i, layout, alloc, abi.TensorAttr.from_buffer_copy(attr), info
-                    )
-                )
-                accepts = _FLOAT_FEEDS if dtype == np.float16 else None
-                args[kind].append(
-                    TensorSpec(
-                        name,
-                        layout.dims,
-                        type_text,
-                        dtype=None if accepts else dtype,
-                        accepts=accepts,
-                        layout=layout.name,
-                        strides=tuple(attr.strides),
-                    )
-                )
-        self.inputs = args["input"]
-        self.outputs = args["output"]
+                attr = _query_attr(self.rt, ctx, kind, command, i)
+                specs[kind].append(_io_spec(attr, kind, i))
+        self.inputs = [_tensor_spec(spec) for spec in specs["input"]]
+        self.outputs = [_tensor_spec(spec) for spec in specs["output"]]
         self.output_index = {spec.name: i for i, spec in enumerate(self.outputs)}
         self.zero_copy = _ZeroCopy3(self, specs["input"], specs["output"])
 
@@ -498,21 +494,9 @@ class Rknpu3Backend(Backend):
             )
         with self._lock:
             self._check_open()
-        mapping = None
-        if virt_addr is None:
-            owned, mapping = map_dmabuf(fd, size, offset)
-            address = ctypes.addressof((ctypes.c_char * len(mapping)).from_buffer(mapping))
-        else:
-            owned, address = os.dup(fd), virt_addr
-        try:
-            with self._slot:
-                handle = self._ops.import_fd(self._slot.ctx, owned, address, size, offset)
-        except BaseException:
-            if mapping is not None:
-                mapping.close()
-            os.close(owned)
-            raise
-        memory = self._adopt(handle, spec, owned, mapping, (owned, address, offset))
+        held = hold_dmabuf(fd, size, offset, virt_addr)
+        handle = import_held(self._ops, self._slot, held, size, offset)
+        memory = self._adopt(handle, spec, held.fd, held.mapping, (held.fd, held.address, offset))
         with self._lock:
             self._memories.add(memory)
         return memory
@@ -553,14 +537,10 @@ class Rknpu3Backend(Backend):
         )
 
     def bound_payload(self, binding: Any, run_options: Any = None) -> BoundRun:
-        from ..binding import RknnIOBinding
+        """The engine payload for ``run_with_iobinding`` (run by whichever worker takes it)."""
+        from ..binding import bound_payload
 
-        if not isinstance(binding, RknnIOBinding) or binding._backend is not self:
-            raise InvalidArgumentError(
-                "IoBinding belongs to a different session (make it with this session's "
-                "io_binding())"
-            )
-        return binding.snapshot()
+        return bound_payload(binding, self)
 
     def io_binding(self, session: Any) -> Any:
         from ..binding import RknnIOBinding
