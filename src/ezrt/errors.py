@@ -8,7 +8,10 @@ from ``ValueError`` or ``TypeError``, so idiomatic Python handlers work too.
 
 from __future__ import annotations
 
-from typing import Mapping
+import os
+import sys
+import warnings
+from typing import Mapping, Type
 
 __all__ = [
     "BackendUnavailableError",
@@ -25,6 +28,7 @@ __all__ = [
     "ReentrancyError",
     "SessionClosedError",
     "SubmitTimeoutError",
+    "warn",
 ]
 
 
@@ -35,6 +39,18 @@ class EzrtError(RuntimeError):
 class EzrtWarning(UserWarning):
     """Base category of every warning ezrt issues: ``warnings.filterwarnings("ignore",
     category=ezrt.EzrtWarning)`` silences ezrt's warnings and no one else's."""
+
+
+def warn(message: str, category: Type[Warning] = EzrtWarning) -> None:
+    """Issue a warning that points at the caller's own line: the first frame outside the
+    ezrt package, however deep inside ezrt it is raised (no stack levels to count)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame = sys._getframe(1)  # the caller of warn() is stacklevel 2 of warnings.warn
+    level = 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 class EzrtRuntimeWarning(EzrtWarning, RuntimeWarning):

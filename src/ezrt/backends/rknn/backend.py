@@ -17,12 +17,11 @@ half-way, every context already made is destroyed.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ...errors import EzrtWarning
+from ...errors import EzrtWarning, warn
 from ...io import ModelMetadata, NodeArg
 from ...options import SessionConfig
 from ..base import Backend
@@ -64,11 +63,10 @@ class RknnBackend(Backend):
         check_schedule(config)
         self.rt = runtime or abi.load_runtime()
         if config.wants_custom_ops:  # said first, as upstream: even if loading then fails
-            warnings.warn(
+            warn(
                 "Custom op loading requested; dup_context is disabled for this session to "
                 "avoid known RKNN stability issues.",
                 EzrtWarning,
-                stacklevel=4,
             )
         plugins = []
         if config.wants_custom_ops:

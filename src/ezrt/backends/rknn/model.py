@@ -11,12 +11,11 @@ other modules' way to call ``rknn_query``.
 from __future__ import annotations
 
 import ctypes
-import warnings
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ...errors import EzrtWarning, InvalidArgumentError
+from ...errors import EzrtWarning, InvalidArgumentError, warn
 from ...io import TensorSpec, format_shape
 from ...options import SessionConfig
 from . import abi
@@ -86,11 +85,10 @@ def _sdk_version(rt: abi.Runtime, ctx: int) -> str:
     text: str = version.api_version.decode("utf-8", "replace")
     parsed = abi.parse_version(text)
     if parsed and parsed < abi.RECOMMENDED_VERSION:
-        warnings.warn(
+        warn(
             f"RKNN API version {text} is likely outdated; behavior may be "
             "unstable. Recommended minimum version is 2.4.1.",
             EzrtWarning,
-            stacklevel=6,
         )
     return text
 

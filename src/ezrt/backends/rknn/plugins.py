@@ -7,8 +7,7 @@ returns one ``rknn_custom_op`` struct. The plugins of a session come from
 plugins defining the same op (type, version, target) are refused. The libraries stay loaded
 as long as the :class:`Plugin` objects do: the contexts that registered them keep those.
 
-Warnings point at the caller of the backend's constructor: ``stacklevel`` counts from the
-function that warns, which the backend's ``__init__`` calls directly (or one level down).
+Warnings point at the line that built the session (:func:`ezrt.errors.warn`).
 """
 
 from __future__ import annotations
@@ -16,10 +15,9 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
-import warnings
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from ...errors import EzrtError, EzrtWarning, InvalidArgumentError
+from ...errors import EzrtError, EzrtWarning, InvalidArgumentError, warn
 from . import abi
 
 __all__ = ["CUSTOM_OP_SIZE", "Plugin", "load_plugins", "register_custom_ops"]
@@ -40,7 +38,7 @@ def load_plugins(paths: Sequence[str], default_dir: Optional[str]) -> List[Plugi
     by the backend's ``__init__``."""
     plugins = []
     for path in paths:  # a loop, not a comprehension: that would add a frame before 3.12
-        plugins.append(_load_plugin(path, stacklevel=6))
+        plugins.append(_load_plugin(path))
     if default_dir is not None:
         plugins += _load_directory(default_dir)
     _check_unique(plugins)
@@ -50,33 +48,24 @@ def load_plugins(paths: Sequence[str], default_dir: Optional[str]) -> List[Plugi
 def _load_directory(directory: str) -> List[Plugin]:
     """Every ``librkcst_*.so`` in ``directory``; one that fails to load is skipped, warned."""
     if not os.path.isdir(directory):
-        warnings.warn(
-            f"Default plugin directory does not exist: {directory}",
-            EzrtWarning,
-            stacklevel=6,
-        )
+        warn(f"Default plugin directory does not exist: {directory}", EzrtWarning)
     plugins = []
     for path in sorted(glob.glob(os.path.join(directory, "librkcst_*.so"))):
         try:
-            plugins.append(_load_plugin(path, stacklevel=7))
+            plugins.append(_load_plugin(path))
         except EzrtError as exc:
-            warnings.warn(
-                f"Failed to load plugin {os.path.basename(path)}: {exc}",
-                EzrtWarning,
-                stacklevel=6,
-            )
+            warn(f"Failed to load plugin {os.path.basename(path)}: {exc}", EzrtWarning)
     return plugins
 
 
-def _load_plugin(path: str, *, stacklevel: int) -> Plugin:
+def _load_plugin(path: str) -> Plugin:
     try:
         library = ctypes.CDLL(path)
     except OSError as exc:
-        warnings.warn(
+        warn(
             f"dlopen {path} fail: {exc} "
             "(this could lead to a crash due to internal bugs of rknnrt)",
             EzrtWarning,
-            stacklevel=stacklevel,
         )
         raise InvalidArgumentError(f"dlopen {path} fail: {exc}") from exc
     entry = getattr(library, "get_rknn_custom_op", None)

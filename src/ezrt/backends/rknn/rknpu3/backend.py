@@ -20,13 +20,12 @@ import ctypes
 import logging
 import os
 import threading
-import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from ....errors import EzrtError, EzrtWarning, InvalidArgumentError, SessionClosedError
+from ....errors import EzrtError, EzrtWarning, InvalidArgumentError, SessionClosedError, warn
 from ....io import ModelMetadata, NodeArg, TensorSpec
 from ....options import SessionConfig
 from ...base import Backend, Request
@@ -356,9 +355,7 @@ class Rknpu3Backend(Backend):
         self.core_mask = mask
         code = self.rt.rknn3_model_init(ctx, ctypes.byref(cfg))
         if code == abi.WARNING_CORE_UNUSED:
-            warnings.warn(
-                "rknn3_model_init: requested NPU core is unused", EzrtWarning, stacklevel=5
-            )
+            warn("rknn3_model_init: requested NPU core is unused", EzrtWarning)
         else:
             abi.check("rknn3_model_init", code)
 
