@@ -148,9 +148,9 @@ class Faults:
 @pytest.fixture
 def faults(monkeypatch: pytest.MonkeyPatch) -> Iterator[Faults]:
     controller = Faults()
-    real_run = ort_backend.OrtWorker.run
+    real_run, real_alone = ort_backend.OrtWorker.run, ort_backend.OrtWorker._alone
 
-    def run(self: Any, request: Any) -> List[Any]:
+    def faulty(self: Any, request: Any, real: Any) -> List[Any]:
         controller.runs += 1
         controller.started.release()
         assert controller.gate.wait(WAIT), "test gate never opened"
@@ -163,9 +163,11 @@ def faults(monkeypatch: pytest.MonkeyPatch) -> Iterator[Faults]:
             time.sleep(pause)
         if controller.should_fail(inputs):
             raise ValueError("injected failure")
-        return real_run(self, request)
+        return real(self, request)
 
-    monkeypatch.setattr(ort_backend.OrtWorker, "run", run)
+    # every way a task runs: on a worker, alone on the wide session, inline on the caller
+    monkeypatch.setattr(ort_backend.OrtWorker, "run", lambda w, r: faulty(w, r, real_run))
+    monkeypatch.setattr(ort_backend.OrtWorker, "_alone", lambda w, r: faulty(w, r, real_alone))
     yield controller
     controller.open_gate()
 

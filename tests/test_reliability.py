@@ -192,6 +192,8 @@ def test_blocking_callbacks_stall_delivery_not_the_workers(add_model):
 def test_ctrl_c_while_run_waits_returns_promptly_and_loses_nothing(add_model, faults):
     faults.close_gate()
     with ezrt.InferenceSession(add_model) as session:
+        blocker = session.submit(None, [ones(), ones()])  # the worker is busy: run() waits
+        faults.wait_started()
         main = threading.main_thread().ident
         assert threading.current_thread().ident == main
         threading.Timer(0.2, signal.pthread_kill, args=(main, signal.SIGINT)).start()
@@ -200,9 +202,26 @@ def test_ctrl_c_while_run_waits_returns_promptly_and_loses_nothing(add_model, fa
             session.run(None, [ones(), ones()])
         assert time.monotonic() - started < 2.0
         faults.open_gate()
+        assert blocker.result(WAIT)[0][0, 0] == 2.0
         session.close()
         stats = session.stats()
-    assert stats.submitted == 1 and stats.completed == 1  # the task still ran, once
+    assert stats.submitted == 2 and stats.completed == 2  # the waiting task still ran, once
+
+
+def test_ctrl_c_during_a_lone_run_on_the_callers_thread(add_model, faults):
+    # An idle session runs a lone run() on the caller's own thread, as onnxruntime does:
+    # Ctrl-C interrupts the caller's own work, and the session stays usable.
+    faults.close_gate()
+    with ezrt.InferenceSession(add_model) as session:
+        main = threading.main_thread().ident
+        threading.Timer(0.2, signal.pthread_kill, args=(main, signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            session.run(None, [ones(), ones()])
+        faults.open_gate()
+        assert session.run(["sum"], [ones(), ones()])[0][0, 0] == 2.0
+        stats = session.stats()
+    assert stats.submitted == 2 and stats.completed == 1 and stats.failed == 1
+    assert stats.running == 0
 
 
 SCRIPT_EXIT = textwrap.dedent(

@@ -87,6 +87,7 @@ class ProviderOptions(TypedDict, total=False):
     output_dtype: str
     max_batch_size: int
     batch_timeout_us: int
+    lone_run: str
 
 
 #: Upstream's name for :class:`ProviderOptions`.
@@ -112,6 +113,8 @@ TP_MODE_MASKS: Dict[str, int] = {
     "0,1,2": 0b111,
 }
 _DISPATCH_POLICIES = ("round_robin", "least_loaded")
+#: How a task that finds every worker idle runs (ONNX Runtime, CPU, with ``schedule``).
+LONE_RUNS = ("auto", "all_cores", "one_core")
 _TRUE = frozenset({"1", "true", "on", "yes"})
 _FALSE = frozenset({"0", "false", "off", "no"})
 _INT_TEXT = re.compile(r"[+-]?\d+")
@@ -136,6 +139,7 @@ SUPPORTED_KEYS: Tuple[str, ...] = (
     "output_dtype",
     "max_batch_size",
     "batch_timeout_us",
+    "lone_run",
 )
 
 
@@ -162,6 +166,8 @@ class SessionConfig:
     max_batch_size: int = 1
     #: How long a worker holding fewer than max_batch_size tasks waits for more (us).
     batch_timeout_us: int = 0
+    #: ONNX Runtime, CPU, schedule: "all_cores", "one_core" or "auto" (see the README).
+    lone_run: str = "auto"
     #: RKNN outputs: "float32" (dequantised by the runtime) or "native" (the model's dtype).
     output_dtype: str = "float32"
     #: The keys the user actually gave, for "not meaningful on this backend" errors.
@@ -244,6 +250,13 @@ def _non_negative(name: str, value: object, most: int) -> int:
     if number > most:
         raise InvalidArgumentError(f"{name} must be <= {most} (got {number})")
     return number
+
+
+def _one_of(name: str, value: object, choices: Tuple[str, ...]) -> str:
+    text = _text(name, value).strip().lower()
+    if text not in choices:
+        raise InvalidArgumentError(f"{name} must be one of: {', '.join(choices)} (got {value!r})")
+    return text
 
 
 def _text(name: str, value: object) -> str:
@@ -404,6 +417,8 @@ def parse_provider_options(
             values[key] = _positive(key, value, MAX_BATCH_SIZE)
         elif key == "batch_timeout_us":
             values[key] = _non_negative(key, value, MAX_BATCH_TIMEOUT_US)
+        elif key == "lone_run":
+            values[key] = _one_of(key, value, LONE_RUNS)
         elif key == "output_dtype":
             text = _text("output_dtype", value).strip().lower()
             if text not in ("float32", "native"):
@@ -444,6 +459,7 @@ def make_provider_options(
     output_dtype: Optional[str] = None,
     max_batch_size: Optional[int] = None,
     batch_timeout_us: Optional[int] = None,
+    lone_run: Optional[str] = None,
 ) -> ProviderOptions:
     """Build a ``provider_options`` dict with upstream's defaults.
 
@@ -473,6 +489,7 @@ def make_provider_options(
         "output_dtype": output_dtype,
         "max_batch_size": max_batch_size,
         "batch_timeout_us": batch_timeout_us,
+        "lone_run": lone_run,
     }
     options.update({key: value for key, value in optional.items() if value is not None})
     return options  # type: ignore[return-value]

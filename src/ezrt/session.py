@@ -183,6 +183,8 @@ class InferenceSession(ForwardedMethods):
         )
         batcher = backend.make_batcher() if config.max_batch_size > 1 else None
         self._engine = Engine(engine_config, backend.make_worker, backend.close, batcher)
+        # A lone run() runs on the caller's thread (pacing must see every task arrive).
+        self._lone = None if config.enable_pacing else backend.lone_runner()
 
     # ------------------------------------------------------------------ introspection
 
@@ -279,8 +281,13 @@ class InferenceSession(ForwardedMethods):
         inputs = self._feed.parse(input_feed, copy=False)  # run() returns after the task
         selection = self._feed.select(output_names, inputs)
         engine.assert_may_block("run")
-        outcome = Outcome()
         request = Request(inputs, selection.fetch, ort_options)
+        lone = self._lone
+        if lone is not None:  # every worker idle: run here, with no thread hop
+            ran, result = engine.run_inline(request, lone.run_alone or lone.run)
+            if ran:
+                return selection.arrange(result)
+        outcome = Outcome()
         engine.submit(request, outcome, delivered=False, what="run")
         return selection.arrange(outcome.value())
 

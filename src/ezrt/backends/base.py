@@ -122,6 +122,11 @@ class Backend:
         """The outputs as the runtime holds them."""
         return self.output_args()
 
+    def lone_runner(self) -> Any:
+        """A runner for a waiting caller's task on the caller's own thread when the workers
+        are idle (None: every task goes to a worker)."""
+        return None
+
     def make_batcher(self) -> Any:
         """The :class:`~ezrt.engine.batching.Batcher` of dynamic batching
         (``max_batch_size`` > 1)."""

@@ -38,6 +38,8 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 _CAN_PIN = hasattr(os, "sched_setaffinity")
+#: ``lone_run="auto"``: build the wide session only for a model file up to this size.
+AUTO_WIDE_MODEL_BYTES = 64 * 2**20
 
 
 def allowed_cpus() -> List[int]:
@@ -68,16 +70,18 @@ class OrtWorker:
     On CPU it calls the session's C++ binding directly: ORT's Python ``run`` adds a check
     that every input is fed (ezrt's feed parser has already made it) and a retry on CPU
     after a GPU provider failure (meaningless on CPU), about 1.5 us of Python per call on
-    the worker, which is the pipeline's critical path for small models.
+    the worker, which is the pipeline's critical path for small models. ``alone`` is the
+    wide session a task finding nothing else to do runs on (see ``Runner`` in the engine).
     """
 
-    __slots__ = ("_outputs", "_run", "_session")
+    __slots__ = ("_outputs", "_run", "_run_alone", "_session", "run_alone")
 
-    def __init__(self, session: Any, *, direct: bool) -> None:
+    def __init__(self, session: Any, *, direct: bool, alone: Any = None) -> None:
         self._session = session
         self._outputs = [output.name for output in session.get_outputs()]
-        binding = getattr(session, "_sess", None) if direct else None
-        self._run = getattr(binding, "run", None) or session.run
+        self._run = _entry(session, direct)
+        self._run_alone = _entry(alone, direct) if alone is not None else None
+        self.run_alone = self._alone if alone is not None else None
 
     def run(self, request: Request) -> List[Any]:
         try:
@@ -87,9 +91,23 @@ class OrtWorker:
         except Exception as exc:
             _reraise(exc)
 
+    def _alone(self, request: Request) -> List[Any]:
+        try:
+            return self._run_alone(  # type: ignore[no-any-return,misc]
+                request.fetch or self._outputs, request.inputs, request.run_options
+            )
+        except Exception as exc:
+            _reraise(exc)
+
     def close(self) -> None:
         self._session = None
-        self._run = None
+        self._run = self._run_alone = self.run_alone = None
+
+
+def _entry(session: Any, direct: bool) -> Any:
+    """The call that runs ``session``: its C++ binding (``direct``) or its Python ``run``."""
+    binding = getattr(session, "_sess", None) if direct else None
+    return getattr(binding, "run", None) or session.run
 
 
 class OrtBackend(Backend):
@@ -118,6 +136,9 @@ class OrtBackend(Backend):
         self._intra, self._affinities = self._plan_threads()
         self._spare: List[Any] = []
         self.master: Any  # the ORT session that holds the weights
+        #: With ``schedule`` on CPU: the session that runs a task finding the workers idle,
+        #: with an intra-op thread per scheduled CPU (None: lone tasks run on one core).
+        self.wide: Any = None
         if share_with is not None:
             self._share(share_with)
         else:
@@ -125,6 +146,8 @@ class OrtBackend(Backend):
             self.device = CUDA if CUDA in self.master.get_providers() else CPU
             self._check_device()
             self._sessions = self._route_sessions()
+            if self._lone_runs_wide():
+                self.wide = self._new_session(None, wide=True)
         self.inputs = [_spec(arg) for arg in self.master.get_inputs()]
         self.outputs = [_spec(arg) for arg in self.master.get_outputs()]
 
@@ -246,21 +269,27 @@ class OrtBackend(Backend):
                 ) from exc
         return options
 
-    def _new_session(self, device_id: Optional[int]) -> Any:
-        """An ORT session from the caller's arguments; ``device_id`` moves CUDA to a GPU."""
+    def _new_session(self, device_id: Optional[int], *, wide: bool = False) -> Any:
+        """An ORT session from the caller's arguments; ``device_id`` moves CUDA to a GPU.
+        ``wide``: the session of lone calls, with an intra-op thread per scheduled CPU."""
         arguments = self._arguments
         providers, provider_options = arguments.providers, arguments.provider_options
         if device_id is not None:
             providers, provider_options = _on_device(providers, provider_options, device_id)
+        intra = len(set(self.config.schedule or ())) if wide else self._intra
         needs_options = (
-            self._intra is not None or self._affinities is not None or self.config.custom_op_paths
+            intra is not None or self._affinities is not None or self.config.custom_op_paths
         )
         with self._lock:
             options = self._session_options() if needs_options else arguments.sess_options
+            if wide and arguments.sess_options is None:
+                # Its pool threads stop spinning when a run ends: the workers' next runs get
+                # the cores at once (a session of the caller's is left as it was given).
+                options.add_session_config_entry("session.force_spinning_stop", "1")
             saved = None
-            if self._intra is not None:
+            if intra is not None:
                 saved = (options.intra_op_num_threads, options.inter_op_num_threads)
-                options.intra_op_num_threads = self._intra
+                options.intra_op_num_threads = intra
                 options.inter_op_num_threads = 1
             try:
                 return ort_session_class()(
@@ -271,6 +300,22 @@ class OrtBackend(Backend):
             finally:
                 if saved is not None:
                     options.intra_op_num_threads, options.inter_op_num_threads = saved
+
+    def _lone_runs_wide(self) -> bool:
+        """Whether lone tasks get every scheduled core (``lone_run``, see the README)."""
+        config = self.config
+        if self.device != CPU or config.schedule is None or len(set(config.schedule)) < 2:
+            return False
+        if config.lone_run == "auto":  # a second session's weights must cost little
+            return self.model_size <= AUTO_WIDE_MODEL_BYTES
+        return config.lone_run == "all_cores"
+
+    @functools.cached_property
+    def model_size(self) -> int:
+        """The model's size in bytes (its file, or its bytes)."""
+        if isinstance(self.model, bytes):
+            return len(self.model)
+        return os.path.getsize(self.model)
 
     def _route_sessions(self) -> Dict[Optional[int], Any]:
         """The session of each route: the master, or (CUDA schedule) one per GPU."""
@@ -330,6 +375,11 @@ class OrtBackend(Backend):
     def output_args(self) -> List[Any]:
         return list(self.master.get_outputs())
 
+    def lone_runner(self) -> OrtWorker:
+        """Runs a waiting caller's task on its own thread when every worker is idle: on the
+        wide session if there is one, else on the session holding the weights."""
+        return OrtWorker(self.wide or self.master, direct=self.device == CPU)
+
     def make_worker(self, core: Optional[int], slot: int) -> OrtWorker:
         """Called in the worker's own thread: pin it, then give it its session."""
         pins = self._pins.get(core)
@@ -346,7 +396,7 @@ class OrtBackend(Backend):
                     if self.device == CUDA and core is not None
                     else self._new_session(None)
                 )
-        return OrtWorker(session, direct=self.device == CPU)
+        return OrtWorker(session, direct=self.device == CPU, alone=self.wide)
 
     def metadata(self) -> Any:
         return self.master.get_modelmeta()

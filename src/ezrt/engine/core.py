@@ -59,6 +59,8 @@ from .workers import Crew, Liveness, Runner, RunnerFactory, WorkerPool
 
 __all__ = ["Engine", "EngineConfig", "Runner", "RunnerFactory", "Task"]
 
+INLINE = object()  # in ``running``: a waiting caller runs its task on its own thread
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -228,6 +230,34 @@ class Engine:
             self._deadlines.arm(task)
         return task
 
+    def run_inline(self, payload: Any, run: Callable[[Any], Any]) -> Tuple[bool, Any]:
+        """Run a waiting caller's task on its own thread when the engine is idle (nothing
+        running, nothing queued): (True, result), or (False, None) when it is not idle and
+        the task must be submitted. No thread hop for a lone ``run``; its failure is raised.
+
+        An inline run counts as running while it lasts (``stats().running``; a worker
+        starting meanwhile does not take the whole machine), and as completed or failed.
+        """
+        if self.forked:
+            self._check_usable()
+        dispatch, running = self._dispatch, self._running
+        key = -threading.get_ident()  # beside the workers' indices (0, 1, ...)
+        with dispatch.lock:
+            if dispatch.closed or running or any(dispatch.queues):
+                return False, None
+            running[key] = INLINE
+            dispatch.submitted += 1
+        started = time.monotonic()
+        error: Optional[BaseException] = None
+        try:
+            return True, run(payload)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            running.pop(key, None)
+            self._shared.note_inline(time.monotonic() - started, error)
+
     def has_room(self) -> bool:
         """A hint: a direct task submitted now would likely be queued without waiting."""
         return self._admission.slots.available()
@@ -351,6 +381,8 @@ class Engine:
             claimed = self._running.pop(index, None)  # a task, or a batch of tasks
             if claimed is None:
                 continue  # it finished meanwhile and its worker reported it
+            if claimed is INLINE:
+                continue  # a caller's own thread runs it: the caller gets its outcome
             for task in claimed if isinstance(claimed, list) else (claimed,):
                 self._complete(task, None, error)
         self._delivery.wake()

@@ -67,6 +67,12 @@ class SharedLedger(Ledger):
         with self.lock:
             Ledger.note(self, task, error)
 
+    def note_inline(self, seconds: float, error: Optional[BaseException]) -> None:
+        """Count a task a caller ran on its own thread (it never had a Task)."""
+        with self.lock:
+            self.counts[outcome_of(error)] += 1
+            self.compute.add(seconds)
+
     def add_withdrawn(self, count: int = 1) -> None:
         with self.lock:
             self.withdrawn += count
@@ -98,11 +104,13 @@ def snapshot(
     with shared.lock:
         counts = dict(shared.counts)
         withdrawn, to_deliver, timed_out = shared.withdrawn, shared.to_deliver, shared.timed_out
+        inline = shared.compute.snapshot()  # tasks callers ran on their own threads
     for ledger in (*workers, delivery):
         for key, count in list(ledger.counts.items()):
             counts[key] += count
         to_deliver += ledger.to_deliver
-    queue_wait = compute = Histogram().snapshot()
+    queue_wait = Histogram().snapshot()
+    compute = inline
     busy: Dict[str, float] = {}
     batch_sizes: Dict[int, int] = {}
     for ledger in workers:

@@ -29,7 +29,12 @@ __all__ = ["Crew", "Runner", "RunnerFactory", "WorkerPool", "work"]
 
 
 class Runner(Protocol):
-    """What a worker thread drives: made in that thread, used by it alone."""
+    """What a worker thread drives: made in that thread, used by it alone.
+
+    A runner may also have ``run_alone(payload)``: how to run a task that finds nothing
+    else running or queued (the ONNX Runtime backend spreads it over every scheduled core).
+    Without it (or when it is None) every task goes through ``run``.
+    """
 
     def run(self, payload: Any) -> Any: ...
 
@@ -113,6 +118,7 @@ def _loop(
     free_slot, running, deliver, pacing = crew.free_slot, crew.running, crew.deliver, crew.pacing
     record_wait, record_compute = ledger.queue_wait.add, ledger.compute.add
     run = runner.run
+    run_alone = getattr(runner, "run_alone", None)
     monotonic = time.monotonic
     # A delivered outcome not yet handed to the callback thread (see the module docstring).
     pending: Optional[Finished] = None
@@ -143,12 +149,14 @@ def _loop(
                     pending = None
                 if not _may_start(task, ledger, started, deliver):
                     continue
+            # Alone (nothing else running or queued here): the whole machine is this task's.
+            alone = run_alone is not None and not running and not tasks
             running[index] = task
             if pending is not None:
                 deliver(pending)
                 pending = None
             try:
-                result, error = run(task.payload), None
+                result, error = (run_alone if alone else run)(task.payload), None  # type: ignore[misc]
             except BaseException as exc:  # a task's failure is its result, never the worker's
                 result, error = None, exc
             task.finished_at = finished = monotonic()
