@@ -88,6 +88,7 @@ class ProviderOptions(TypedDict, total=False):
     max_batch_size: int
     batch_timeout_us: int
     lone_run: str
+    share_weights: bool
 
 
 #: Upstream's name for :class:`ProviderOptions`.
@@ -113,8 +114,9 @@ TP_MODE_MASKS: Dict[str, int] = {
     "0,1,2": 0b111,
 }
 _DISPATCH_POLICIES = ("round_robin", "least_loaded")
+_BOOLEAN_KEYS = ("sequential_callbacks", "enable_pacing", "disable_dup_context", "share_weights")
 #: How a task that finds every worker idle runs (ONNX Runtime, CPU, with ``schedule``).
-LONE_RUNS = ("auto", "all_cores", "one_core")
+LONE_RUNS = ("all_cores", "one_core")
 _TRUE = frozenset({"1", "true", "on", "yes"})
 _FALSE = frozenset({"0", "false", "off", "no"})
 _INT_TEXT = re.compile(r"[+-]?\d+")
@@ -140,6 +142,7 @@ SUPPORTED_KEYS: Tuple[str, ...] = (
     "max_batch_size",
     "batch_timeout_us",
     "lone_run",
+    "share_weights",
 )
 
 
@@ -166,8 +169,10 @@ class SessionConfig:
     max_batch_size: int = 1
     #: How long a worker holding fewer than max_batch_size tasks waits for more (us).
     batch_timeout_us: int = 0
-    #: ONNX Runtime, CPU, schedule: "all_cores", "one_core" or "auto" (see the README).
-    lone_run: str = "auto"
+    #: ONNX Runtime, CPU, schedule: "all_cores" or "one_core" (see the README).
+    lone_run: str = "all_cores"
+    #: ONNX Runtime, CPU, schedule: the sessions borrow one copy of the weights.
+    share_weights: bool = True
     #: RKNN outputs: "float32" (dequantised by the runtime) or "native" (the model's dtype).
     output_dtype: str = "float32"
     #: The keys the user actually gave, for "not meaningful on this backend" errors.
@@ -401,7 +406,12 @@ def parse_provider_options(
         elif key in ("max_queue_size", "threads_per_core", "submit_timeout_ms"):
             most = MAX_THREADS_PER_CORE if key == "threads_per_core" else MAX_INT32
             values[key] = _positive(key, value, most)
-        elif key in ("sequential_callbacks", "enable_pacing", "disable_dup_context"):
+        elif key in (
+            "sequential_callbacks",
+            "enable_pacing",
+            "disable_dup_context",
+            "share_weights",
+        ):
             values[key] = as_bool(key, value)
         elif key == "schedule":
             values["schedule"] = _parse_schedule(value)
@@ -460,6 +470,7 @@ def make_provider_options(
     max_batch_size: Optional[int] = None,
     batch_timeout_us: Optional[int] = None,
     lone_run: Optional[str] = None,
+    share_weights: Optional[bool] = None,
 ) -> ProviderOptions:
     """Build a ``provider_options`` dict with upstream's defaults.
 
@@ -490,6 +501,7 @@ def make_provider_options(
         "max_batch_size": max_batch_size,
         "batch_timeout_us": batch_timeout_us,
         "lone_run": lone_run,
+        "share_weights": share_weights,
     }
     options.update({key: value for key, value in optional.items() if value is not None})
     return options  # type: ignore[return-value]

@@ -31,6 +31,8 @@ from ..errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeE
 from ..io import ONNX_TO_NUMPY, FeedBatcher, OrtFeed, TensorSpec, check_batchable
 from ..options import TP_MODE_MASKS, SessionConfig
 from .base import Backend, Request
+from .weights import LOCATION as WEIGHTS_LOCATION
+from .weights import SplitModel, split_weights
 
 __all__ = ["CPU", "CUDA", "OrtBackend", "OrtWorker", "allowed_cpus", "available_providers"]
 
@@ -38,8 +40,14 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 _CAN_PIN = hasattr(os, "sched_setaffinity")
-#: ``lone_run="auto"``: build the wide session only for a model file up to this size.
-AUTO_WIDE_MODEL_BYTES = 64 * 2**20
+#: Config entries of sessions that borrow the shared weights (see ``weights.py``).
+_SHARING_ENTRIES = (
+    ("session.use_external_initializer_file_buffers_directly", "1"),
+    ("session.disable_prepacking", "1"),
+    ("session.use_env_allocators", "1"),
+)
+_env_arena_lock = threading.Lock()
+_env_arena = False  # registered in this process
 
 
 def allowed_cpus() -> List[int]:
@@ -139,8 +147,12 @@ class OrtBackend(Backend):
         #: With ``schedule`` on CPU: the session that runs a task finding the workers idle,
         #: with an intra-op thread per scheduled CPU (None: lone tasks run on one core).
         self.wide: Any = None
+        #: With ``share_weights``: the buffer every session here borrows its weights from.
+        self.shared_weights: Optional[SplitModel] = None
         if share_with is not None:
             self._share(share_with)
+        elif self._may_share_weights() and self._open_sharing():
+            pass  # narrow and wide sessions on one copy of the weights
         else:
             self.master = self._new_session(None)
             self.device = CUDA if CUDA in self.master.get_providers() else CPU
@@ -260,14 +272,18 @@ class OrtBackend(Backend):
         if self._affinities is not None:
             _set_config_entry(options, "session.intra_op_thread_affinities", self._affinities)
         for path in self.config.custom_op_paths:
-            try:
-                options.register_custom_ops_library(path)
-            except Exception as exc:
-                raise InvalidArgumentError(
-                    f"custom_op_paths: {path!r} is not an ONNX Runtime custom-op library "
-                    f"(it must export RegisterCustomOps): {exc}"
-                ) from exc
+            self._register_custom_ops(options, path)
         return options
+
+    @staticmethod
+    def _register_custom_ops(options: Any, path: str) -> None:
+        try:
+            options.register_custom_ops_library(path)
+        except Exception as exc:
+            raise InvalidArgumentError(
+                f"custom_op_paths: {path!r} is not an ONNX Runtime custom-op library "
+                f"(it must export RegisterCustomOps): {exc}"
+            ) from exc
 
     def _new_session(self, device_id: Optional[int], *, wide: bool = False) -> Any:
         """An ORT session from the caller's arguments; ``device_id`` moves CUDA to a GPU.
@@ -306,16 +322,65 @@ class OrtBackend(Backend):
         config = self.config
         if self.device != CPU or config.schedule is None or len(set(config.schedule)) < 2:
             return False
-        if config.lone_run == "auto":  # a second session's weights must cost little
-            return self.model_size <= AUTO_WIDE_MODEL_BYTES
         return config.lone_run == "all_cores"
 
-    @functools.cached_property
-    def model_size(self) -> int:
-        """The model's size in bytes (its file, or its bytes)."""
-        if isinstance(self.model, bytes):
-            return len(self.model)
-        return os.path.getsize(self.model)
+    # ------------------------------------------------------------------ one copy of the weights
+
+    def _may_share_weights(self) -> bool:
+        """The narrow and wide sessions may borrow one copy of the weights: ``schedule`` on
+        CPU, and the session options are ezrt's own (a caller's SessionOptions would keep
+        the borrowed buffer and the config entries after this session is gone)."""
+        config, arguments = self.config, self._arguments
+        if not config.share_weights or config.disable_dup_context:
+            return False
+        if config.schedule is None or arguments.sess_options is not None:
+            return False
+        return _names_cpu_only(arguments.providers)
+
+    def _open_sharing(self) -> bool:
+        """Build the workers' session (and the wide one) on one shared copy of the weights;
+        False when the model has nothing to share (it is then loaded as it is)."""
+        split = split_weights(self.model)
+        if split is None:
+            return False
+        _register_env_arena()
+        self.shared_weights = split
+        self.master = self._borrowing_session(1)
+        self.device = CPU
+        self._check_device()
+        self._sessions = self._route_sessions()
+        if self._lone_runs_wide():
+            self.wide = self._borrowing_session(len(set(self.config.schedule or ())))
+        return True
+
+    def _borrowing_session(self, intra: int) -> Any:
+        """A session on the shared weights, with ``intra`` intra-op threads. Prepacking is
+        off (a prepacked copy would be per session); activations come from one arena."""
+        assert self.shared_weights is not None
+        options = ort().SessionOptions()
+        options.intra_op_num_threads = intra
+        options.inter_op_num_threads = 1
+        for key, value in _SHARING_ENTRIES:
+            options.add_session_config_entry(key, value)
+        if intra > 1:  # spin briefly, then sleep: a lone run's pool stops taking cores
+            options.add_session_config_entry("session.intra_op.spin_duration_us", "1000")
+        for path in self.config.custom_op_paths:
+            self._register_custom_ops(options, path)
+        weights = self.shared_weights.weights
+        options.add_external_initializers_from_files_in_memory(
+            [WEIGHTS_LOCATION], [weights], [weights.nbytes]
+        )
+        arguments = self._arguments
+        try:
+            return ort_session_class()(
+                self.shared_weights.model,
+                options,
+                arguments.providers,
+                arguments.provider_options,
+                **arguments.kwargs,
+            )
+        except Exception as exc:
+            _reraise(exc)
 
     def _route_sessions(self) -> Dict[Optional[int], Any]:
         """The session of each route: the master, or (CUDA schedule) one per GPU."""
@@ -428,6 +493,36 @@ class OrtBackend(Backend):
     def close(self) -> None:
         self._sessions = {}
         self._spare = []
+
+
+def _register_env_arena() -> None:
+    """Register ONNX Runtime's shared CPU arena once per process: the sessions that borrow
+    the shared weights draw their activations from it (``session.use_env_allocators``),
+    instead of an arena each. Sessions that do not ask for it are not affected."""
+    global _env_arena
+    with _env_arena_lock:
+        if _env_arena:
+            return
+        module = ort()
+        memory = module.OrtMemoryInfo(
+            "Cpu", module.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, module.OrtMemType.DEFAULT
+        )
+        try:
+            module.create_and_register_allocator(memory, module.OrtArenaCfg(0, -1, -1, -1))
+        except Exception as exc:  # registered already (by the application itself): use it
+            if "already" not in str(exc).lower():
+                raise
+        _env_arena = True
+
+
+def _names_cpu_only(providers: Any) -> bool:
+    """``providers`` (ORT's forms) asks for the CPU provider only, or for nothing."""
+    if providers is None:
+        return True
+    if isinstance(providers, str) or not isinstance(providers, (list, tuple)):
+        return False
+    names = [entry[0] if isinstance(entry, (list, tuple)) else entry for entry in providers]
+    return bool(names) and all(name == CPU for name in names)
 
 
 def _reraise(error: Exception) -> NoReturn:
