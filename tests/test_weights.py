@@ -156,9 +156,16 @@ def test_the_trade_is_an_option(options, shared, wide):
 
 def test_a_callers_session_options_are_never_given_the_shared_buffer():
     cores = _cores()
+    image = {"image": np.zeros((1, 3, 128, 128), np.float32)}
     options = ort.SessionOptions()
     with ezrt.InferenceSession(
         demo_model_path(), options, provider_options={"schedule": cores}
     ) as session:
         assert session._backend.shared_weights is None  # it would outlive this session
-        assert session.run(None, {"image": np.zeros((1, 3, 128, 128), np.float32)})
+        assert session._backend.wide is None  # auto: a second copy of everything: no
+        assert session.run(None, image)
+    with ezrt.InferenceSession(
+        demo_model_path(), options, provider_options={"schedule": cores, "lone_run": "all_cores"}
+    ) as session:
+        assert session._backend.shared_weights is None and session._backend.wide is not None
+        assert session.run(None, image)

@@ -116,7 +116,7 @@ TP_MODE_MASKS: Dict[str, int] = {
 _DISPATCH_POLICIES = ("round_robin", "least_loaded")
 _BOOLEAN_KEYS = ("sequential_callbacks", "enable_pacing", "disable_dup_context", "share_weights")
 #: How a task that finds every worker idle runs (ONNX Runtime, CPU, with ``schedule``).
-LONE_RUNS = ("all_cores", "one_core")
+LONE_RUNS = ("auto", "all_cores", "one_core")
 _TRUE = frozenset({"1", "true", "on", "yes"})
 _FALSE = frozenset({"0", "false", "off", "no"})
 _INT_TEXT = re.compile(r"[+-]?\d+")
@@ -169,8 +169,8 @@ class SessionConfig:
     max_batch_size: int = 1
     #: How long a worker holding fewer than max_batch_size tasks waits for more (us).
     batch_timeout_us: int = 0
-    #: ONNX Runtime, CPU, schedule: "all_cores" or "one_core" (see the README).
-    lone_run: str = "all_cores"
+    #: ONNX Runtime, CPU, schedule: "auto", "all_cores" or "one_core" (see the README).
+    lone_run: str = "auto"
     #: ONNX Runtime, CPU, schedule: the sessions borrow one copy of the weights.
     share_weights: bool = True
     #: RKNN outputs: "float32" (dequantised by the runtime) or "native" (the model's dtype).

@@ -318,10 +318,17 @@ class OrtBackend(Backend):
                     options.intra_op_num_threads, options.inter_op_num_threads = saved
 
     def _lone_runs_wide(self) -> bool:
-        """Whether lone tasks get every scheduled core (``lone_run``, see the README)."""
+        """Whether lone tasks get every scheduled core (``lone_run``, see the README).
+
+        ``auto``: when ezrt builds the sessions' options itself, so that the wide session
+        shares the weights and the activation arena with the workers' session and costs
+        little; with the caller's own SessionOptions it would hold a second copy of both.
+        """
         config = self.config
         if self.device != CPU or config.schedule is None or len(set(config.schedule)) < 2:
             return False
+        if config.lone_run == "auto":
+            return self._arguments.sess_options is None
         return config.lone_run == "all_cores"
 
     # ------------------------------------------------------------------ one copy of the weights

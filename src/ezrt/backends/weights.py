@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
@@ -156,7 +156,8 @@ def split_weights(model: Union[str, bytes]) -> Optional[SplitModel]:
     """The model with its large inline initializers moved into one shared buffer, or None
     when there is nothing to move or the bytes are not a model this can read."""
     if isinstance(model, bytes):
-        return _from_view(memoryview(model))
+        data = memoryview(model)
+        return _assemble(data, lambda source, target: _copy(data, source, target))
     try:
         with open(model, "rb") as handle:
             if os.fstat(handle.fileno()).st_size == 0:
@@ -164,14 +165,31 @@ def split_weights(model: Union[str, bytes]) -> Optional[SplitModel]:
             with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 view = memoryview(mapped)
                 try:
-                    return _from_view(view)
+                    # The tensors are read from the file into the buffer directly: going
+                    # through the mapping would make every page of the file resident too.
+                    return _assemble(view, lambda source, target: _read_at(handle, source, target))
                 finally:
                     view.release()
     except OSError:
         return None
 
 
-def _from_view(data: memoryview) -> Optional[SplitModel]:
+def _copy(data: memoryview, offset: int, target: memoryview) -> None:
+    target[:] = data[offset : offset + len(target)]
+
+
+def _read_at(handle: Any, offset: int, target: memoryview) -> None:
+    done = 0
+    while done < len(target):
+        got = os.preadv(handle.fileno(), [target[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"short read of the model at byte {offset + done}")
+        done += got
+
+
+def _assemble(data: memoryview, copy: Callable[[int, memoryview], None]) -> Optional[SplitModel]:
+    """Split the model read through ``data``; ``copy(source offset, target)`` fills each
+    tensor's place in the buffer."""
     try:
         split = _split(data)
     except (_Malformed, IndexError):
@@ -180,6 +198,7 @@ def _from_view(data: memoryview) -> Optional[SplitModel]:
         return None
     rewritten, copies, size = split
     weights = np.zeros(max(size, 1), np.uint8)
+    buffer = weights.data
     for source, offset, length in copies:
-        weights[offset : offset + length] = np.frombuffer(data[source : source + length], np.uint8)
+        copy(source, buffer[offset : offset + length])
     return SplitModel(rewritten, weights, len(copies))
