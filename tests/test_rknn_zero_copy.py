@@ -618,7 +618,11 @@ def test_the_double_reports_broken_memory_rules(npu):
     expect("is not a native layout")
     rt.rknn_destroy(ctx.value)
     expect("context destroyed with 2 memories not destroyed")
+    assert not create(ctx.value, 16)
+    expect("is not alive (destroyed, or never made)")  # memory made on a destroyed context
     rt.rknn_destroy(other.value)
+    rt.rknn_destroy(other.value)
+    expect("is not alive (destroyed twice, or never made)")
 
 
 @pytest.fixture
