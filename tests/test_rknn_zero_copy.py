@@ -13,6 +13,7 @@ native-layout mismatch; shape / type mismatch messages; a weight-sharing slave w
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import mmap
 import os
@@ -438,6 +439,45 @@ def test_dmabuf_inputs_in_the_native_layout(npu, own_mapping):
             mapping.close()
     if virt is not None:
         mapping.close()
+
+
+def _holds_on(name: str) -> tuple:
+    """(open descriptors, mappings) this process has of the memfd called ``name``."""
+    tag = f"/memfd:{name} "  # the kernel names it "/memfd:NAME (deleted)"
+    fds = 0
+    for entry in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the descriptor listdir itself used, now closed
+            fds += tag in os.readlink(f"/proc/self/fd/{entry}")
+    with open("/proc/self/maps") as maps:
+        mapped = sum(tag in line for line in maps)
+    return fds, mapped
+
+
+@pytest.mark.parametrize("own_mapping", [False, True])
+def test_a_failed_dmabuf_import_lets_go_of_its_fd_and_mapping(npu, own_mapping):
+    """ezrt dups (and maps) the caller's fd to import it; when the import cannot go ahead
+    (here: no NPU memory left to make zero copy's home context), neither is kept."""
+    name = f"failed-import-{own_mapping}"
+    with session(add_model(F32, (1, 8), "max_contexts 1")) as s:
+        fd = os.memfd_create(name)
+        os.ftruncate(fd, 64)
+        mapping = mmap.mmap(fd, 64) if own_mapping else None
+        virt = None
+        if mapping is not None:
+            virt = np.ctypeslib.ctypes.addressof(np.ctypeslib.ctypes.c_char.from_buffer(mapping))
+        mine = _holds_on(name)  # the caller's own (Python's mmap keeps a dup of its fd)
+        assert mine == ((2, 1) if own_mapping else (1, 0))
+        with pytest.raises(abi.RknnError, match=r"rknn_dup_context failed: RKNN_ERR_MALLOC_FAIL"):
+            ezrt.OrtValue.ortvalue_from_dmabuf(
+                fd, [1, 8], np.float32, size=32, virt_addr=virt, session=s, name="a",
+                io_kind="input",
+            )  # fmt: skip
+        assert _holds_on(name) == mine  # ezrt's dup and mapping are gone
+        os.close(fd)
+        del virt
+        if mapping is not None:
+            mapping.close()
+    assert _holds_on(name) == (0, 0)
 
 
 # ---------------------------------------------------------------- lifetime

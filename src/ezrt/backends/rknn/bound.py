@@ -21,11 +21,11 @@ from ...options import SessionConfig
 from . import abi
 from .contexts import Contexts
 from .layout import NativeLayout
-from .memory import ContextSlot, Memory, describe_mem
+from .memory import ContextSlot, Memory, describe_mem, new_memory
 from .model import ModelInfo
 from .native import copy_attr, describe_inputs, describe_outputs
 from .values import IoSpec, RknnOrtValue
-from .zerocopy import BoundRun, hold_dmabuf, import_held
+from .zerocopy import BoundRun, hold_dmabuf
 
 __all__ = ["RknnZeroCopy"]
 
@@ -168,37 +168,46 @@ class RknnZeroCopy:
         """New NPU memory on the home context (``rknn_create_mem``; ``rknn_create_mem2`` when
         flags are asked for)."""
         home = self._contexts.home()
-        with home:
-            if mem_flags:
-                handle = self._rt.optional("rknn_create_mem2")(home.ctx, size, mem_flags)
-                api = "rknn_create_mem2"
-            else:
-                handle = self._rt.optional("rknn_create_mem")(home.ctx, size)
-                api = "rknn_create_mem"
-        if not handle:
-            raise EzrtError(f"{api} failed: could not allocate {size} bytes of NPU memory")
-        memory = Memory(self._ops, home, handle, size=size)
-        self._track(memory)
-        return memory
+        if mem_flags:
+            api, create_mem = "rknn_create_mem2", self._rt.optional("rknn_create_mem2")
+        else:
+            api, create_mem = "rknn_create_mem", self._rt.optional("rknn_create_mem")
+
+        def create(ctx: int) -> Any:
+            handle = create_mem(ctx, size, mem_flags) if mem_flags else create_mem(ctx, size)
+            if not handle:
+                raise EzrtError(f"{api} failed: could not allocate {size} bytes of NPU memory")
+            return handle
+
+        def build(handle: Any) -> Memory:
+            return Memory(self._ops, home, handle, size=size)
+
+        return new_memory(home, self._ops, create, build, register=self._track)
 
     def import_dmabuf(self, fd: int, size: int, offset: int, virt_addr: Optional[int]) -> Memory:
         """The caller's dma-buf, imported into the home context (the fd is dup'ed and, without
-        ``virt_addr``, mapped: the value owns both)."""
-        held = hold_dmabuf(fd, size, offset, virt_addr)
+        ``virt_addr``, mapped: the value owns both; if the import fails, both are let go)."""
         home = self._contexts.home()
-        handle = import_held(self._ops, home, held, size, offset)
-        memory = Memory(
-            self._ops,
-            home,
-            handle,
-            size=size,
-            owned_fd=held.fd,
-            mapping=held.mapping,
-            dmabuf=True,
-            where=(held.fd, held.address, offset),  # what the caller gave, not the runtime's echo
+        held = hold_dmabuf(fd, size, offset, virt_addr)
+
+        def create(ctx: int) -> Any:
+            return self._ops.import_fd(ctx, held.fd, held.address, size, offset)
+
+        def build(handle: Any) -> Memory:
+            return Memory(
+                self._ops,
+                home,
+                handle,
+                size=size,
+                owned_fd=held.fd,
+                mapping=held.mapping,
+                dmabuf=True,
+                where=(held.fd, held.address, offset),  # the caller's, not the runtime's echo
+            )
+
+        return new_memory(
+            home, self._ops, create, build, release=held.release, register=self._track
         )
-        self._track(memory)
-        return memory
 
     def free_memories(self) -> None:
         """Session close: free the memory it made, drop its imports of other sessions'."""

@@ -30,7 +30,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Tuple
 
 from ...errors import EzrtError, SessionClosedError
 
-__all__ = ["ContextSlot", "DeviceOps", "Memory", "describe_mem"]
+__all__ = ["ContextSlot", "DeviceOps", "Memory", "describe_mem", "new_memory"]
 
 SYNC_TO_DEVICE, SYNC_FROM_DEVICE = 1, 2
 
@@ -294,6 +294,46 @@ class Memory:
         if self._owned_fd is not None:
             os.close(self._owned_fd)
             self._owned_fd = None
+
+
+def new_memory(
+    slot: ContextSlot,
+    ops: DeviceOps,
+    create: Callable[[int], Any],
+    build: Callable[[Any], Memory],
+    *,
+    release: Optional[Callable[[], None]] = None,
+    register: Optional[Callable[[Memory], None]] = None,
+) -> Memory:
+    """A runtime memory on ``slot``'s context, made all or nothing.
+
+    ``create(ctx)`` makes the handle (or raises), ``build(handle)`` wraps it in a
+    :class:`Memory` (which then owns what ``release`` lets go of, e.g. a dma-buf hold; until
+    it returns, nothing is owned), ``register(memory)`` records it for the session's close.
+    Whatever step raises, what was made is let go before the error propagates: the handle
+    destroyed, ``release()`` called, the built memory freed. Everything from ``create`` to
+    ``register`` runs under the slot's lock, so the context cannot be destroyed meanwhile.
+    """
+    memory: Optional[Memory] = None
+    try:
+        with slot:
+            handle = create(slot.ctx)
+            try:
+                memory = build(handle)
+            except BaseException:
+                ops.destroy_mem(slot.ctx, handle)
+                raise
+            if register is not None:
+                try:
+                    register(memory)
+                except BaseException:
+                    memory.free()  # at once: this thread holds the slot (its lock re-enters)
+                    raise
+            return memory
+    except BaseException:
+        if memory is None and release is not None:
+            release()
+        raise
 
 
 def free_all(memories: List[Memory]) -> None:
