@@ -13,7 +13,6 @@ native-layout mismatch; shape / type mismatch messages; a weight-sharing slave w
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import mmap
 import os
@@ -38,6 +37,7 @@ from .rknn_double.harness import (
     Double,
     doubles,
     fake_model,
+    memfd_holds,
     needs_cc,
     npu,
 )
@@ -441,18 +441,6 @@ def test_dmabuf_inputs_in_the_native_layout(npu, own_mapping):
         mapping.close()
 
 
-def _holds_on(name: str) -> tuple:
-    """(open descriptors, mappings) this process has of the memfd called ``name``."""
-    tag = f"/memfd:{name} "  # the kernel names it "/memfd:NAME (deleted)"
-    fds = 0
-    for entry in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # the descriptor listdir itself used, now closed
-            fds += tag in os.readlink(f"/proc/self/fd/{entry}")
-    with open("/proc/self/maps") as maps:
-        mapped = sum(tag in line for line in maps)
-    return fds, mapped
-
-
 @pytest.mark.parametrize("own_mapping", [False, True])
 def test_a_failed_dmabuf_import_lets_go_of_its_fd_and_mapping(npu, own_mapping):
     """ezrt dups (and maps) the caller's fd to import it; when the import cannot go ahead
@@ -465,19 +453,19 @@ def test_a_failed_dmabuf_import_lets_go_of_its_fd_and_mapping(npu, own_mapping):
         virt = None
         if mapping is not None:
             virt = np.ctypeslib.ctypes.addressof(np.ctypeslib.ctypes.c_char.from_buffer(mapping))
-        mine = _holds_on(name)  # the caller's own (Python's mmap keeps a dup of its fd)
+        mine = memfd_holds(name)  # the caller's own (Python's mmap keeps a dup of its fd)
         assert mine == ((2, 1) if own_mapping else (1, 0))
         with pytest.raises(abi.RknnError, match=r"rknn_dup_context failed: RKNN_ERR_MALLOC_FAIL"):
             ezrt.OrtValue.ortvalue_from_dmabuf(
                 fd, [1, 8], np.float32, size=32, virt_addr=virt, session=s, name="a",
                 io_kind="input",
             )  # fmt: skip
-        assert _holds_on(name) == mine  # ezrt's dup and mapping are gone
+        assert memfd_holds(name) == mine  # ezrt's dup and mapping are gone
         os.close(fd)
         del virt
         if mapping is not None:
             mapping.close()
-    assert _holds_on(name) == (0, 0)
+    assert memfd_holds(name) == (0, 0)
 
 
 # ---------------------------------------------------------------- lifetime

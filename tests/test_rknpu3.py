@@ -21,7 +21,16 @@ import ezrt
 from ezrt.backends.rknn.layout import nc1hwc2_to_nchw, nchw_to_nc1hwc2
 
 from .conftest import WAIT, Collector
-from .rknn_double.harness import WEIGHTS, doubles, fake_model, fake_rknx, needs_cc, npu, npu3
+from .rknn_double.harness import (
+    WEIGHTS,
+    doubles,
+    fake_model,
+    fake_rknx,
+    memfd_holds,
+    needs_cc,
+    npu,
+    npu3,
+)
 
 __all__ = ["doubles", "npu", "npu3"]  # fixtures used here
 
@@ -278,6 +287,38 @@ def test_rknpu3_dmabuf_input(npu3, model_path):
             got = nc1hwc2_to_nchw(binding.copy_outputs_to_cpu()[0], 3)
             np.testing.assert_array_equal(got, expected)
             del view, value, binding
+
+
+@pytest.mark.parametrize("own_mapping", [False, True])
+def test_memory_the_runtime_cannot_map_is_refused_and_let_go(npu3, tmp_path, own_mapping):
+    """A handle the runtime gives without a CPU address is destroyed, and an imported
+    dma-buf's dup and mapping are let go with it; the caller keeps only their own."""
+    name = f"unmapped-{own_mapping}"
+    path = write_model(tmp_path, IMAGE + b"mem_unmapped\n")
+    with ezrt.InferenceSession(path) as s:
+        with pytest.raises(ezrt.EzrtError, match="RKNPU3 tensor memory is unmapped or too small"):
+            ezrt.OrtValue.ortvalue_from_shape_and_type(
+                [1, 1, 4, 5, 8], np.float16, "rknpu3", session=s, name="x", io_kind="input"
+            )
+        fd = os.memfd_create(name)
+        os.ftruncate(fd, 640)
+        mapping = mmap.mmap(fd, 640) if own_mapping else None
+        virt = None
+        if mapping is not None:
+            virt = np.ctypeslib.ctypes.addressof(np.ctypeslib.ctypes.c_char.from_buffer(mapping))
+        mine = memfd_holds(name)  # the caller's own (Python's mmap keeps a dup of its fd)
+        with pytest.raises(ezrt.EzrtError, match="RKNPU3 tensor memory is unmapped or too small"):
+            ezrt.OrtValue.ortvalue_from_dmabuf(
+                fd, [1, 1, 4, 5, 8], np.float16, size=640, virt_addr=virt, session=s, name="x",
+                io_kind="input",
+            )  # fmt: skip
+        assert memfd_holds(name) == mine
+        assert npu3["mems_live"] == 0
+        os.close(fd)
+        del virt
+        if mapping is not None:
+            mapping.close()
+    assert memfd_holds(name) == (0, 0)
 
 
 def test_bound_runs_beside_run_async_share_the_context_safely(npu3, tmp_path):

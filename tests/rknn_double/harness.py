@@ -9,13 +9,14 @@ two threads on one context...): the fixtures assert that a test left none behind
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import pathlib
 import shutil
 import subprocess
 import threading
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Tuple
 
 import pytest
 
@@ -137,3 +138,16 @@ def fake_rknx(*lines: str) -> bytes:
 
 
 WEIGHTS = b"FAKE-WEIGHT for the RKNPU3 double\n"
+
+
+def memfd_holds(name: str) -> Tuple[int, int]:
+    """(open descriptors, mappings) this process has of the memfd called ``name`` (Linux):
+    what a test counts to see that ezrt let go of its dup and mapping of a dma-buf."""
+    tag = f"/memfd:{name} "  # the kernel names it "/memfd:NAME (deleted)"
+    fds = 0
+    for entry in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the descriptor listdir itself used, now closed
+            fds += tag in os.readlink(f"/proc/self/fd/{entry}")
+    with open("/proc/self/maps") as maps:
+        mapped = sum(tag in line for line in maps)
+    return fds, mapped

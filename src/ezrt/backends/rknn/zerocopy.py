@@ -19,7 +19,7 @@ import numpy as np
 
 from ...errors import EzrtError, InvalidArgumentError, InvalidTypeError
 from .layout import NativeLayout
-from .memory import ContextSlot, DeviceOps, Memory
+from .memory import Memory
 from .values import IoSpec, RknnOrtValue, format_dims, type_name
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "DmabufHold",
     "ZeroCopyModel",
     "hold_dmabuf",
-    "import_held",
     "new_value",
     "parse_mem_flags",
     "parse_shape",
@@ -290,14 +289,3 @@ def hold_dmabuf(fd: int, size: int, offset: int, virt_addr: Optional[int]) -> Dm
         address = ctypes.addressof((ctypes.c_char * len(mapping)).from_buffer(mapping))
         return DmabufHold(owned, mapping, address)
     return DmabufHold(os.dup(fd), None, virt_addr)
-
-
-def import_held(ops: DeviceOps, slot: ContextSlot, held: DmabufHold, size: int, offset: int) -> Any:
-    """The runtime's handle for ``held`` imported into ``slot``'s context; on failure the
-    hold is released."""
-    try:
-        with slot:
-            return ops.import_fd(slot.ctx, held.fd, held.address, size, offset)
-    except BaseException:
-        held.release()
-        raise

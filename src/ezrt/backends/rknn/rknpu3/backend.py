@@ -31,10 +31,10 @@ from ....options import SessionConfig
 from ...base import Backend, Request
 from ..container import companion_weight_path
 from ..layout import NativeLayout, dense_strides, span_bytes
-from ..memory import ContextSlot, Memory, describe_mem
+from ..memory import ContextSlot, Memory, describe_mem, new_memory
 from ..options import Rknpu3Config
 from ..values import IoSpec, RknnOrtValue
-from ..zerocopy import BoundRun, hold_dmabuf, import_held
+from ..zerocopy import BoundRun, DmabufHold, hold_dmabuf
 from . import abi
 
 __all__ = ["Rknpu3Backend"]
@@ -441,48 +441,57 @@ class Rknpu3Backend(Backend):
             )
         with self._lock:
             self._check_open()
-        slot = self._slot
-        with slot:
+
+        def create(ctx: int) -> Any:
             handle = self.rt.rknn3_create_mem(
-                slot.ctx, spec.alloc_bytes, int(spec.attr.core_id), mem_flags
+                ctx, spec.alloc_bytes, int(spec.attr.core_id), mem_flags
             )
-        if not handle:
-            raise EzrtError("RKNPU3 tensor memory allocation/import failed")
-        memory = self._adopt(handle, spec, None, None)
-        if track:
-            with self._lock:
-                self._memories.add(memory)
-        return memory
+            if not handle:
+                raise EzrtError("RKNPU3 tensor memory allocation/import failed")
+            return handle
+
+        return new_memory(
+            self._slot,
+            self._ops,
+            create,
+            lambda handle: self._adopt(handle, spec),
+            register=self._track if track else None,
+        )
+
+    def _track(self, memory: Memory) -> None:
+        with self._lock:
+            self._memories.add(memory)
 
     def _adopt(
         self,
         handle: Any,
         spec: IoSpec,
-        owned: Optional[int],
-        mapping: Any,
-        where: Optional[Tuple[int, int, int]] = None,
+        held: Optional[DmabufHold] = None,
+        offset: int = 0,
     ) -> Memory:
+        """The :class:`Memory` of a new handle (it then owns ``held``); raises for memory
+        the CPU cannot use (the caller destroys the handle and lets ``held`` go)."""
         facts = self._ops.describe(handle)
         if not facts["virt_addr"] or facts["size"] < spec.layout.nbytes:
-            with self._slot:
-                self._ops.destroy_mem(self._slot.ctx, handle)
             raise EzrtError("RKNPU3 tensor memory is unmapped or too small")
+        if held is None:
+            return Memory(self._ops, self._slot, handle, size=facts["size"])
         return Memory(
             self._ops,
             self._slot,
             handle,
             size=facts["size"],
-            owned_fd=owned,
-            mapping=mapping,
-            dmabuf=owned is not None,
-            where=where,
+            owned_fd=held.fd,
+            mapping=held.mapping,
+            dmabuf=True,
+            where=(held.fd, held.address, offset),  # the caller's, not the runtime's echo
         )
 
     def import_dmabuf(
         self, spec: IoSpec, fd: int, size: int, offset: int, virt_addr: Optional[int]
     ) -> Memory:
         """The caller's dma-buf (``rknn3_create_mem_from_fd``); ezrt dups and maps the fd so
-        the value can be read and written from Python."""
+        the value can be read and written from Python (both are let go if the import fails)."""
         self._check_supported(spec)
         if size < int(spec.attr.aligned_size):
             raise InvalidArgumentError(
@@ -492,11 +501,18 @@ class Rknpu3Backend(Backend):
         with self._lock:
             self._check_open()
         held = hold_dmabuf(fd, size, offset, virt_addr)
-        handle = import_held(self._ops, self._slot, held, size, offset)
-        memory = self._adopt(handle, spec, held.fd, held.mapping, (held.fd, held.address, offset))
-        with self._lock:
-            self._memories.add(memory)
-        return memory
+
+        def create(ctx: int) -> Any:
+            return self._ops.import_fd(ctx, held.fd, held.address, size, offset)
+
+        return new_memory(
+            self._slot,
+            self._ops,
+            create,
+            lambda handle: self._adopt(handle, spec, held, offset),
+            release=held.release,
+            register=self._track,
+        )
 
     # ------------------------------------------------------------------ running
 
