@@ -34,6 +34,7 @@ from .rknn_double.harness import (
     NHWC,
     U8,
     UNDEF,
+    ContendedLock,
     Double,
     doubles,
     fake_model,
@@ -487,6 +488,105 @@ def test_memory_is_freed_with_its_value_and_at_close(npu):
     del keep
     gc.collect()
     assert npu["mem_destroys"] == npu["mem_creates"] + npu["mem_imports"]
+
+
+@pytest.mark.parametrize("kind", ["allocate", "import"])
+@pytest.mark.parametrize("when", ["inside the runtime call", "before the runtime call"])
+def test_memory_made_while_the_session_closes_is_refused_and_freed(npu, monkeypatch, kind, when):
+    """close() on another thread while a value is being made: either close frees the memory
+    or the factory refuses it (SessionClosedError) and frees it itself; never is memory left
+    on a context that close destroyed (the double logs that as a violation)."""
+    name = f"closing-{kind}-{when[:6]}"
+    s = session(add_model(F32, (1, 8)))
+    backend = s._backend
+    home = backend.contexts.home()
+    closer = threading.Thread(target=s.close)
+    if when == "inside the runtime call":
+        # close collects the memories to free, then waits for the home context that the
+        # allocation holds; only then does the runtime call return
+        probe = ContendedLock(home.lock)
+        monkeypatch.setattr(home, "lock", probe)
+        api = "rknn_create_mem" if kind == "allocate" else "rknn_create_mem_from_fd"
+        real, optional = backend.rt.optional(api), backend.rt.optional
+
+        def racing(*args):
+            handle = real(*args)
+            closer.start()
+            assert probe.contended.wait(WAIT), "close never reached the home context"
+            return handle
+
+        monkeypatch.setattr(backend.rt, "optional", lambda f: racing if f == api else optional(f))
+    else:  # the whole close runs after the allocation found the session open
+
+        def home_then_close():
+            closer.start()
+            closer.join(WAIT)
+            return home
+
+        monkeypatch.setattr(backend.contexts, "home", home_then_close)
+    fd = os.memfd_create(name)
+    os.ftruncate(fd, 32)
+    with pytest.raises(ezrt.SessionClosedError, match="the session is closed"):
+        if kind == "allocate":
+            ezrt.OrtValue.ortvalue_from_shape_and_type(
+                [1, 8], np.float32, "rknpu2", session=s, name="a", io_kind="input"
+            )
+        else:
+            ezrt.OrtValue.ortvalue_from_dmabuf(
+                fd, [1, 8], np.float32, size=32, session=s, name="a", io_kind="input"
+            )
+    closer.join(WAIT)
+    assert not closer.is_alive()
+    os.close(fd)
+    gc.collect()
+    assert npu.violations() == ""
+    assert npu["mems_live"] == 0 and npu["live"] == 0
+    assert memfd_holds(name) == (0, 0)
+
+
+def test_another_sessions_buffer_imported_while_the_session_closes_is_dropped(npu, monkeypatch):
+    """At interpreter exit the engine may close a backend while a bound run is still in
+    flight. A run that imports another session's buffer just then drops that import itself
+    (SessionClosedError) if close has already collected what to drop: the context is never
+    destroyed with the import on it, nor the import destroyed after the context."""
+    model = add_model(F32, (1, 8))
+    owner, user = session(model), session(model)
+    a, b = feeds(F32, (1, 8))
+    x = ezrt.OrtValue.ortvalue_from_numpy(a, "rknpu2", session=owner, name="a", io_kind="input")
+    binding = user.io_binding()
+    binding.bind_ortvalue_input("a", x)
+    binding.bind_cpu_input("b", b)
+    backend = user._backend
+    closer = threading.Thread(target=backend.close)  # as the engine does when it gives up
+    real, optional = backend.rt.optional("rknn_create_mem_from_fd"), backend.rt.optional
+    first = []
+
+    def racing(ctx, *args):
+        handle = real(ctx, *args)
+        if not first:  # x, imported into the worker's bound context (which the run holds)
+            first.append(ctx)
+            (slot,) = backend.contexts._bound.values()
+            probe = ContendedLock(slot.lock)
+            slot.lock = probe
+            closer.start()
+            assert probe.contended.wait(WAIT), "close never reached the bound context"
+        return handle
+
+    monkeypatch.setattr(
+        backend.rt, "optional", lambda f: racing if f == "rknn_create_mem_from_fd" else optional(f)
+    )
+    with pytest.raises(ezrt.SessionClosedError):
+        user.run_with_iobinding(binding)
+    closer.join(WAIT)
+    assert not closer.is_alive() and first
+    user.close()
+    assert npu.violations() == ""
+    assert x.memory_info()["import_count"] == 1  # only its own handle is left
+    np.testing.assert_array_equal(x.numpy(), a)
+    owner.close()
+    del x, binding
+    gc.collect()
+    assert npu["mems_live"] == 0 and npu["live"] == 0
 
 
 def test_a_binding_keeps_its_session_alive_and_refuses_after_close(npu):

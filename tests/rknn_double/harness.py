@@ -16,7 +16,7 @@ import pathlib
 import shutil
 import subprocess
 import threading
-from typing import Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, Tuple
 
 import pytest
 
@@ -151,3 +151,22 @@ def memfd_holds(name: str) -> Tuple[int, int]:
     with open("/proc/self/maps") as maps:
         mapped = sum(tag in line for line in maps)
     return fds, mapped
+
+
+class ContendedLock:
+    """A stand-in for a context slot's lock in a race test: :attr:`contended` is set once a
+    thread other than the one that made it starts to wait for the lock (close, say, for the
+    context that the test's own thread holds while it allocates)."""
+
+    def __init__(self, lock: Any) -> None:
+        self._lock = lock
+        self._maker = threading.get_ident()
+        self.contended = threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if blocking and threading.get_ident() != self._maker:
+            self.contended.set()
+        return bool(self._lock.acquire(blocking, timeout))
+
+    def release(self) -> None:
+        self._lock.release()

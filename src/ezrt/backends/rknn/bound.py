@@ -6,22 +6,28 @@ zero-copy context, importing each buffer there on first use. A context whose I/O
 was set never runs ``rknn_inputs_set``, so a bound buffer can never be overwritten by
 another task's input. Every memory the session made or imported is freed (or its imports
 dropped) when the session closes, before its contexts are destroyed.
+
+Close against a value being made on another thread follows :mod:`.memory`: close refuses
+new zero copy (``Contexts.close``), then closes the session's
+:class:`~ezrt.backends.rknn.memory.Registry` and frees what it held, then destroys the
+contexts. Memory is made by :func:`~ezrt.backends.rknn.memory.new_memory` while holding the
+home slot until it is recorded, so it is either freed by close or refused and freed at
+once, while the home context still exists. An import of another session's buffer into one
+of this session's contexts is recorded the same way, or dropped at once.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import threading
-import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
-from ...errors import EzrtError, InvalidArgumentError
+from ...errors import EzrtError, InvalidArgumentError, SessionClosedError
 from ...options import SessionConfig
 from . import abi
 from .contexts import Contexts
 from .layout import NativeLayout
-from .memory import ContextSlot, Memory, describe_mem, new_memory
+from .memory import ContextSlot, Memory, Registry, describe_mem, new_memory
 from .model import ModelInfo
 from .native import copy_attr, describe_inputs, describe_outputs
 from .values import IoSpec, RknnOrtValue
@@ -132,8 +138,8 @@ class RknnZeroCopy:
         self._model = model
         self._config = config
         self._view: Optional[_View] = None  # made under the contexts' lock
-        self._memories_lock = threading.Lock()  # guards _memories
-        self._memories: weakref.WeakSet[Memory] = weakref.WeakSet()
+        #: What close frees: memory made here, and other sessions' memory imported here.
+        self._registry = Registry()
 
     def view(self) -> _View:
         """The session's tensors as zero copy sees them (queried on first use)."""
@@ -160,10 +166,6 @@ class RknnZeroCopy:
 
     # ------------------------------------------------------------------ memory
 
-    def _track(self, memory: Memory) -> None:
-        with self._memories_lock:
-            self._memories.add(memory)
-
     def allocate(self, size: int, mem_flags: int) -> Memory:
         """New NPU memory on the home context (``rknn_create_mem``; ``rknn_create_mem2`` when
         flags are asked for)."""
@@ -182,7 +184,7 @@ class RknnZeroCopy:
         def build(handle: Any) -> Memory:
             return Memory(self._ops, home, handle, size=size)
 
-        return new_memory(home, self._ops, create, build, register=self._track)
+        return new_memory(home, self._ops, create, build, register=self._registry.add)
 
     def import_dmabuf(self, fd: int, size: int, offset: int, virt_addr: Optional[int]) -> Memory:
         """The caller's dma-buf, imported into the home context (the fd is dup'ed and, without
@@ -206,15 +208,13 @@ class RknnZeroCopy:
             )
 
         return new_memory(
-            home, self._ops, create, build, release=held.release, register=self._track
+            home, self._ops, create, build, release=held.release, register=self._registry.add
         )
 
     def free_memories(self) -> None:
-        """Session close: free the memory it made, drop its imports of other sessions'."""
-        with self._memories_lock:
-            memories = list(self._memories)
-            self._memories = weakref.WeakSet()
-        for memory in memories:
+        """Session close (after ``Contexts.close``, before the contexts are destroyed): free
+        the memory it made, drop its imports of other sessions'; record nothing more."""
+        for memory in self._registry.close() or ():
             if memory.home.owner is self.owner:
                 memory.free()
             else:
@@ -232,6 +232,7 @@ class RknnZeroCopy:
             slot = self._contexts.bound(index)
         set_io = self._rt.optional("rknn_set_io_mem")
         with slot:
+            slot.check_live()  # a bound context is reused without the contexts' lock
             for kind, pairs in (("input", run.inputs), ("output", run.outputs)):
                 for spec, value in pairs:
                     self._set_io_mem(set_io, slot, kind, spec, value.memory)
@@ -245,7 +246,11 @@ class RknnZeroCopy:
         """Bind ``memory`` to ``spec`` on ``slot`` (whose lock the caller holds)."""
         handle = memory.handle_for(slot)
         if memory.home.owner is not self.owner:  # another session's: drop it at close
-            self._track(memory)
+            try:
+                self._registry.add(memory)
+            except SessionClosedError:  # closing now: drop it at once (this slot is held)
+                memory.drop_imports(self.owner)
+                raise
         if memory.size < spec.layout.nbytes:
             raise EzrtError(
                 f"Bound {kind} OrtValue is too small for {kind}: {spec.name} "

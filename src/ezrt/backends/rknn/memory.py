@@ -16,6 +16,30 @@ Rules this module enforces, for both RKNPU2 (librknnrt) and RKNPU3 (librknn3_api
 * **Caches are synced in the right direction.** The memory remembers whether the CPU wrote
   it since the last sync (``cpu_dirty``) and whether the NPU wrote it since the CPU last
   looked (``device_fresh``); :meth:`Memory.cpu_view` and the run path sync accordingly.
+* **Memory is made all or nothing, and never outlives its context.** :func:`new_memory`
+  makes a handle, wraps it and records it in the session's :class:`Registry`; whatever
+  step fails, what was made is let go (handle, dup'ed dma-buf fd, mapping).
+
+Close against allocation (the race between a value being made on one thread and
+``close()`` on another). Close does, in this order: refuse new work (the backend's closed
+flag), close the registry and free what it held, destroy each context under its slot's
+lock, marking the slot ``closed``. An allocation holds its context's slot from before its
+runtime call until it is recorded, and checks ``slot.closed`` first. So:
+
+* a slot the allocation holds cannot be destroyed meanwhile (destroying needs the lock);
+* an allocation recorded before the registry closed is freed by close;
+* one that finds the registry closed frees its memory itself, at once (it holds the slot,
+  so the context is still alive) and raises :class:`~ezrt.errors.SessionClosedError`;
+* one that reaches the slot after close destroyed it raises the same, having made nothing.
+
+Lock order: a backend's own lock (RKNPU2 ``Contexts.lock``) before any slot lock, a slot
+lock before ``Memory.lock`` and before the registry's lock. Nobody waits while holding a
+lock the other side needs: close takes its locks one at a time and holds none while it
+waits for a slot; a slot holder (an allocation, a run) waits only for ``Memory.lock`` or
+the registry's lock, whose holders wait for nothing (the registry calls nothing under its
+lock; a memory's lock is held around runtime calls on a slot its holder already has); and
+:meth:`Memory.free` never blocks on a slot (it queues the destroy on a busy one), so a
+garbage-collection finaliser may run it on any thread.
 """
 
 from __future__ import annotations
@@ -24,13 +48,14 @@ import ctypes
 import mmap
 import os
 import threading
+import weakref
 from collections import deque
 from functools import partial
 from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Tuple
 
 from ...errors import EzrtError, SessionClosedError
 
-__all__ = ["ContextSlot", "DeviceOps", "Memory", "describe_mem", "new_memory"]
+__all__ = ["ContextSlot", "DeviceOps", "Memory", "Registry", "describe_mem", "new_memory"]
 
 SYNC_TO_DEVICE, SYNC_FROM_DEVICE = 1, 2
 
@@ -107,6 +132,11 @@ class ContextSlot:
             except IndexError:
                 return
             job()
+
+    def check_live(self) -> None:
+        """Refuse a context that close destroyed (the caller holds the lock)."""
+        if self.closed:
+            raise SessionClosedError("zero-copy I/O rejected: the session is closed")
 
     def call_when_free(self, job: Callable[[], None]) -> None:
         """Run ``job`` under this slot's lock now if nobody holds it, else when it is let go."""
@@ -296,6 +326,37 @@ class Memory:
             self._owned_fd = None
 
 
+class Registry:
+    """The memories a session frees when it closes: recording one and closing (which hands
+    over the memories recorded so far) are atomic with respect to each other."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards _closed, _memories; a leaf: nothing is called
+        self._closed = False
+        self._memories: weakref.WeakSet[Memory] = weakref.WeakSet()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def add(self, memory: Memory) -> None:
+        """Record ``memory`` (again is fine); SessionClosedError once closed."""
+        with self._lock:
+            if self._closed:
+                raise SessionClosedError("zero-copy I/O rejected: the session is closed")
+            self._memories.add(memory)
+
+    def close(self) -> Optional[List[Memory]]:
+        """Record nothing more; the memories recorded so far, or None if already closed."""
+        with self._lock:
+            if self._closed:
+                return None
+            self._closed = True
+            memories = list(self._memories)
+            self._memories = weakref.WeakSet()
+        return memories
+
+
 def new_memory(
     slot: ContextSlot,
     ops: DeviceOps,
@@ -312,11 +373,13 @@ def new_memory(
     it returns, nothing is owned), ``register(memory)`` records it for the session's close.
     Whatever step raises, what was made is let go before the error propagates: the handle
     destroyed, ``release()`` called, the built memory freed. Everything from ``create`` to
-    ``register`` runs under the slot's lock, so the context cannot be destroyed meanwhile.
+    ``register`` runs under the slot's lock, so the context cannot be destroyed meanwhile;
+    a slot that close already destroyed is refused (SessionClosedError) before ``create``.
     """
     memory: Optional[Memory] = None
     try:
         with slot:
+            slot.check_live()
             handle = create(slot.ctx)
             try:
                 memory = build(handle)

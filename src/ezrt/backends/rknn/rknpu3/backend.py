@@ -12,6 +12,11 @@ through its :class:`~ezrt.backends.rknn.memory.ContextSlot`, so a worker packs i
 while another's inference runs. ``run`` takes inputs in the native shape (float32 for a
 float16 tensor is converted) and returns outputs in the native shape; bound runs
 (``run_with_iobinding``) go through the same workers and context.
+
+Values' memory is made by :func:`~ezrt.backends.rknn.memory.new_memory` and recorded in the
+session's :class:`~ezrt.backends.rknn.memory.Registry`, whose closing is the session's: a
+value made while another thread closes the session is freed by close, or refused and
+freed at once while the context still exists (the lock discipline is :mod:`..memory`'s).
 """
 
 from __future__ import annotations
@@ -19,8 +24,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
-import weakref
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -31,7 +34,7 @@ from ....options import SessionConfig
 from ...base import Backend, Request
 from ..container import companion_weight_path
 from ..layout import NativeLayout, dense_strides, span_bytes
-from ..memory import ContextSlot, Memory, describe_mem, new_memory
+from ..memory import ContextSlot, Memory, Registry, describe_mem, new_memory
 from ..options import Rknpu3Config
 from ..values import IoSpec, RknnOrtValue
 from ..zerocopy import BoundRun, DmabufHold, hold_dmabuf
@@ -270,9 +273,8 @@ class Rknpu3Backend(Backend):
         self.config = config
         self.options = options
         self._given = dict(given_options or {})
-        self._closed = False
-        self._lock = threading.Lock()  # guards _closed and _memories
-        self._memories: weakref.WeakSet[Memory] = weakref.WeakSet()
+        #: The values' memory close frees (workers free their own); closed = session closed.
+        self._registry = Registry()
         self.rt = abi.load_runtime(options.runtime_library)
         self._ops = _Ops(self.rt)
         weight_path = self._weight_path(model)
@@ -401,7 +403,7 @@ class Rknpu3Backend(Backend):
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._registry.closed
 
     def native_inputs(self) -> List[NodeArg]:
         """Same as the inputs (RKNPU3 reports native tensors only)."""
@@ -421,7 +423,7 @@ class Rknpu3Backend(Backend):
     # ------------------------------------------------------------------ memory
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._registry.closed:
             raise SessionClosedError("zero-copy I/O rejected: the session is closed")
 
     def _check_supported(self, spec: IoSpec) -> None:
@@ -439,8 +441,7 @@ class Rknpu3Backend(Backend):
             raise InvalidArgumentError(
                 f"RKNPU3 supports cacheable/non-cacheable memory flags only (got {mem_flags})"
             )
-        with self._lock:
-            self._check_open()
+        self._check_open()
 
         def create(ctx: int) -> Any:
             handle = self.rt.rknn3_create_mem(
@@ -455,12 +456,8 @@ class Rknpu3Backend(Backend):
             self._ops,
             create,
             lambda handle: self._adopt(handle, spec),
-            register=self._track if track else None,
+            register=self._registry.add if track else None,
         )
-
-    def _track(self, memory: Memory) -> None:
-        with self._lock:
-            self._memories.add(memory)
 
     def _adopt(
         self,
@@ -498,8 +495,7 @@ class Rknpu3Backend(Backend):
                 f"invalid or too-small dma-buf for RKNPU3 tensor '{spec.name}': {size} bytes, "
                 f"needs {int(spec.attr.aligned_size)}"
             )
-        with self._lock:
-            self._check_open()
+        self._check_open()
         held = hold_dmabuf(fd, size, offset, virt_addr)
 
         def create(ctx: int) -> Any:
@@ -511,7 +507,7 @@ class Rknpu3Backend(Backend):
             create,
             lambda handle: self._adopt(handle, spec, held, offset),
             release=held.release,
-            register=self._track,
+            register=self._registry.add,
         )
 
     # ------------------------------------------------------------------ running
@@ -535,6 +531,7 @@ class Rknpu3Backend(Backend):
             return array
 
         with slot:
+            slot.check_live()
             ins = tensors(inputs, True)
             outs = tensors(outputs, False)
             code = self.rt.rknn3_run(slot.ctx, ins, len(inputs), outs, len(outputs))
@@ -558,20 +555,19 @@ class Rknpu3Backend(Backend):
     def io_binding(self, session: Any) -> Any:
         from ..binding import RknnIOBinding
 
-        with self._lock:
-            self._check_open()
+        self._check_open()
         return RknnIOBinding(session, self)
 
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        """Free every value's memory, then destroy the context (after the workers)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            memories = list(self._memories)
-            self._memories = weakref.WeakSet()
+        """Free every value's memory, then destroy the context (after the workers).
+
+        A value made meanwhile on another thread is freed here, or refused and freed by its
+        factory while the context still exists (see :mod:`ezrt.backends.rknn.memory`)."""
+        memories = self._registry.close()
+        if memories is None:
+            return
         for memory in memories:
             memory.free()
         slot = self._slot
