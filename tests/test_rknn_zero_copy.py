@@ -24,6 +24,7 @@ import pytest
 
 import ezrt
 from ezrt.backends.rknn import abi
+from ezrt.backends.rknn.zerocopy import hold_dmabuf
 
 from .conftest import WAIT, Collector
 from .rknn_double.harness import (
@@ -466,6 +467,33 @@ def test_a_failed_dmabuf_import_lets_go_of_its_fd_and_mapping(npu, own_mapping):
         del virt
         if mapping is not None:
             mapping.close()
+    assert memfd_holds(name) == (0, 0)
+
+
+@pytest.mark.parametrize("virt_addr", [None, 0x10000])
+def test_a_dmabuf_fd_that_is_not_open_is_an_ezrt_error(npu, virt_addr):
+    """An ezrt error (a RuntimeError) whether or not ezrt maps the buffer itself."""
+    s = session(add_model(F32, (1, 8)))
+    with s, pytest.raises(ezrt.EzrtError, match=r"dup dma-buf fd failed: .*Bad file descriptor"):
+        ezrt.OrtValue.ortvalue_from_dmabuf(
+            1_000_000, [1, 8], np.float32, size=32, virt_addr=virt_addr, session=s, name="a",
+            io_kind="input",
+        )  # fmt: skip
+
+
+def test_a_dmabuf_hold_closes_its_fd_even_when_unmapping_fails():
+    name = "hold-unmap-fails"
+    fd = os.memfd_create(name)
+    os.ftruncate(fd, 64)
+    held = hold_dmabuf(fd, 32, 16, None)
+    assert memfd_holds(name) == (3, 1)  # the caller's, ezrt's dup, and the mmap object's own
+    export = memoryview(held.mapping)  # a live export: the mapping cannot be closed now
+    with pytest.raises(BufferError):
+        held.release()
+    assert memfd_holds(name) == (2, 1)  # ezrt's dup is closed all the same
+    export.release()
+    held.mapping.close()
+    os.close(fd)
     assert memfd_holds(name) == (0, 0)
 
 

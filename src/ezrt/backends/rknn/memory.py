@@ -55,7 +55,15 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Tuple
 
 from ...errors import EzrtError, SessionClosedError
 
-__all__ = ["ContextSlot", "DeviceOps", "Memory", "Registry", "describe_mem", "new_memory"]
+__all__ = [
+    "ContextSlot",
+    "DeviceOps",
+    "Memory",
+    "Registry",
+    "describe_mem",
+    "let_go",
+    "new_memory",
+]
 
 SYNC_TO_DEVICE, SYNC_FROM_DEVICE = 1, 2
 
@@ -318,12 +326,20 @@ class Memory:
 
     def _unmap(self) -> None:
         self._mapping_export = None
-        if self._mapping is not None:
-            self._mapping.close()
-            self._mapping = None
-        if self._owned_fd is not None:
-            os.close(self._owned_fd)
-            self._owned_fd = None
+        mapping, fd = self._mapping, self._owned_fd
+        self._mapping = self._owned_fd = None
+        let_go(fd, mapping)
+
+
+def let_go(fd: Optional[int], mapping: Optional[mmap.mmap]) -> None:
+    """Unmap ``mapping`` and close ``fd`` (a dma-buf ezrt holds); the descriptor is closed
+    even if unmapping fails (and that error then raised)."""
+    try:
+        if mapping is not None:
+            mapping.close()
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 class Registry:
