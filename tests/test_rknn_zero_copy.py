@@ -24,6 +24,7 @@ import pytest
 
 import ezrt
 from ezrt.backends.rknn import abi
+from ezrt.backends.rknn.memory import ContextSlot
 from ezrt.backends.rknn.zerocopy import hold_dmabuf
 
 from .conftest import WAIT, Collector
@@ -615,6 +616,69 @@ def test_another_sessions_buffer_imported_while_the_session_closes_is_dropped(np
     del x, binding
     gc.collect()
     assert npu["mems_live"] == 0 and npu["live"] == 0
+
+
+def test_a_failing_free_leaves_the_context_usable_and_the_other_frees_done(caplog):
+    """A free queued on a busy context runs when its holder lets go; one that raises is
+    logged, the frees after it still run, and the holder's lock is let go all the same."""
+    slot = ContextSlot(0x1234, None, "a context")
+    done = []
+
+    def failing() -> None:
+        raise OSError("injected")
+
+    held, leave = threading.Event(), threading.Event()
+    outcome = []
+
+    def holder() -> None:
+        try:
+            with slot:
+                held.set()
+                assert leave.wait(WAIT)
+            outcome.append("left")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert held.wait(WAIT)
+    slot.call_when_free(failing)  # queued: the holder is busy
+    slot.call_when_free(lambda: done.append("second"))
+    assert done == []
+    leave.set()
+    thread.join(WAIT)
+    assert outcome == ["left"] and done == ["second"]
+    assert slot.lock.acquire(blocking=False), "the slot stayed locked"
+    slot.lock.release()
+    assert "freeing NPU memory failed" in caplog.text and "injected" in caplog.text
+
+
+def test_close_frees_everything_even_when_one_free_fails(npu, monkeypatch, caplog):
+    """A destroy that raises (after the runtime call) is logged; close still frees the
+    session's other memory and destroys every context."""
+    from ezrt.backends.rknn import bound
+
+    real = bound._Ops.destroy_mem
+    calls = []
+
+    def destroy_mem(self, ctx, handle):
+        real(self, ctx, handle)
+        calls.append(handle)
+        if len(calls) == 1:
+            raise RuntimeError("injected after the destroy")
+
+    monkeypatch.setattr(bound._Ops, "destroy_mem", destroy_mem)
+    s = session(add_model(F32, (1, 8)))
+    values = [
+        ezrt.OrtValue.ortvalue_from_shape_and_type(
+            [1, 8], np.float32, "rknpu2", session=s, name=name, io_kind="input"
+        )
+        for name in ("a", "b", "a")
+    ]
+    s.close()
+    assert len(calls) == 3 and not any(v.has_value() for v in values)
+    assert npu["mems_live"] == 0 and npu["live"] == 0
+    assert "freeing NPU memory failed" in caplog.text
 
 
 def test_a_binding_keeps_its_session_alive_and_refuses_after_close(npu):

@@ -12,7 +12,8 @@ Rules this module enforces, for both RKNPU2 (librknnrt) and RKNPU3 (librknn3_api
   garbage-collected, when its session closes, or both (the second call does nothing).
 * **Freeing never blocks a running inference.** A handle whose context is busy is queued
   on the slot and destroyed by the lock holder as it releases (:meth:`ContextSlot.release`),
-  and the allocation's own destroy waits until its last import is gone.
+  and the allocation's own destroy waits until its last import is gone. A free that fails
+  is logged and the others go on; it never leaves a slot locked.
 * **Caches are synced in the right direction.** The memory remembers whether the CPU wrote
   it since the last sync (``cpu_dirty``) and whether the NPU wrote it since the CPU last
   looked (``device_fresh``); :meth:`Memory.cpu_view` and the run path sync accordingly.
@@ -45,6 +46,7 @@ garbage-collection finaliser may run it on any thread.
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import os
 import threading
@@ -66,6 +68,8 @@ __all__ = [
 ]
 
 SYNC_TO_DEVICE, SYNC_FROM_DEVICE = 1, 2
+
+logger = logging.getLogger("ezrt")
 
 
 def describe_mem(handle: Any) -> Dict[str, int]:
@@ -124,8 +128,10 @@ class ContextSlot:
     def release(self) -> None:
         """Run the queued frees, then let go; re-take the lock if more arrived meanwhile."""
         while True:
-            self._drain()
-            self.lock.release()
+            try:
+                self._drain()
+            finally:
+                self.lock.release()
             if not self.pending or not self.lock.acquire(blocking=False):
                 return
 
@@ -139,7 +145,7 @@ class ContextSlot:
                 job = self.pending.popleft()
             except IndexError:
                 return
-            job()
+            _run_job(job)
 
     def check_live(self) -> None:
         """Refuse a context that close destroyed (the caller holds the lock)."""
@@ -150,13 +156,22 @@ class ContextSlot:
         """Run ``job`` under this slot's lock now if nobody holds it, else when it is let go."""
         if self.lock.acquire(blocking=False):
             try:
-                job()
+                _run_job(job)
             finally:
                 self.release()
             return
         self.pending.append(job)
         if self.lock.acquire(blocking=False):  # the holder may have left before the append
             self.release()
+
+
+def _run_job(job: Callable[[], None]) -> None:
+    """Run one queued free. Nobody could act on its failure (it runs in a finaliser, in
+    close, or in whichever thread let the slot go): log it, and go on with the others."""
+    try:
+        job()
+    except Exception:
+        logger.error("ezrt: freeing NPU memory failed", exc_info=True)
 
 
 class Memory:
@@ -303,9 +318,11 @@ class Memory:
 
         def release_home() -> None:
             def destroy_home() -> None:
-                if home_handle is not None:
-                    self.ops.destroy_mem(self.home.ctx, home_handle)
-                self._unmap()
+                try:
+                    if home_handle is not None:
+                        self.ops.destroy_mem(self.home.ctx, home_handle)
+                finally:
+                    self._unmap()
 
             self.home.call_when_free(destroy_home)
 
