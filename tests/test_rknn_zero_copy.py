@@ -681,6 +681,60 @@ def test_close_frees_everything_even_when_one_free_fails(npu, monkeypatch, caplo
     assert "freeing NPU memory failed" in caplog.text
 
 
+class _CollectingHandles(dict):
+    """A memory's handle table that runs the garbage collector whenever it is read: the
+    collector (and so a value's finaliser) runs inside the memory's own critical section."""
+
+    def items(self):
+        gc.collect()
+        return super().items()
+
+
+class _Cycle:
+    """Keeps a value only through a reference cycle: the collector, not refcounting, ends it."""
+
+    def __init__(self, value) -> None:
+        self.me = self
+        self.value = value
+
+
+@pytest.mark.parametrize("whose", ["its own", "another session's"])
+def test_a_value_collected_while_close_frees_its_memory_does_not_deadlock(npu, whose):
+    """close frees (or, for another session's buffer, drops its imports of) memory whose
+    value is garbage in a reference cycle; the collector may run inside that critical
+    section and finalise the value, which frees the same memory again on the same thread."""
+    model = add_model(F32, (1, 8))
+    owner = session(model)
+    user = session(model) if whose == "another session's" else owner
+    cycle = _Cycle(
+        ezrt.OrtValue.ortvalue_from_shape_and_type(
+            [1, 8], np.float32, "rknpu2", session=owner, name="a", io_kind="input"
+        )
+    )
+    memory = cycle.value.memory
+    if user is not owner:  # a bound run of `user` imports the buffer into its context
+        binding = user.io_binding()
+        binding.bind_ortvalue_input("a", cycle.value)
+        binding.bind_cpu_input("b", np.ones((1, 8), np.float32))
+        user.run_with_iobinding(binding)
+        del binding
+    gc.collect()
+    gc.disable()  # from here the cycle goes only when the handle table says so
+    try:
+        del cycle
+        memory.handles = _CollectingHandles(memory.handles)
+        closer = threading.Thread(target=user.close, daemon=True)
+        closer.start()
+        closer.join(WAIT)
+        assert not closer.is_alive(), "close deadlocked"
+    finally:
+        gc.enable()
+    assert npu.violations() == ""
+    assert memory.dead  # the finaliser freed it (its session is open, or close did)
+    owner.close()
+    assert npu["mems_live"] == 0 and npu["live"] == 0
+
+
 def test_a_binding_keeps_its_session_alive_and_refuses_after_close(npu):
     s = session(add_model(F32, (1, 8)))
     binding = s.io_binding()

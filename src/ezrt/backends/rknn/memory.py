@@ -40,7 +40,9 @@ waits for a slot; a slot holder (an allocation, a run) waits only for ``Memory.l
 the registry's lock, whose holders wait for nothing (the registry calls nothing under its
 lock; a memory's lock is held around runtime calls on a slot its holder already has); and
 :meth:`Memory.free` never blocks on a slot (it queues the destroy on a busy one), so a
-garbage-collection finaliser may run it on any thread.
+garbage-collection finaliser may run it on any thread. The collector may even run inside a
+memory's own critical section (close freeing memory whose value is garbage in a cycle):
+``Memory.lock`` is re-entrant and the sections it guards tolerate that free.
 """
 
 from __future__ import annotations
@@ -191,7 +193,10 @@ class Memory:
     ) -> None:
         self.ops = ops
         self.home = home
-        self.lock = threading.Lock()  # guards handles, dead and the cache flags
+        # Guards handles, dead and the cache flags. Re-entrant: the collector may run inside
+        # a critical section and finalise this memory's value, whose free() then re-enters
+        # on the same thread (see free() and drop_imports() for why that is safe).
+        self.lock = threading.RLock()
         self.handles: Dict[ContextSlot, Any] = {home: handle}
         facts = ops.describe(handle)
         self.size = size
@@ -299,7 +304,9 @@ class Memory:
             mine = [
                 (s, h) for s, h in self.handles.items() if s.owner is owner and s is not self.home
             ]
-            for slot, _ in mine:
+            if self.dead:  # freed (every handle) while that list was made: nothing is ours
+                return
+            for slot, _ in mine:  # no allocation from the check on: the collector cannot run
                 del self.handles[slot]
         for slot, handle in mine:
             slot.call_when_free(partial(self.ops.destroy_mem, slot.ctx, handle))
@@ -309,7 +316,7 @@ class Memory:
         with self.lock:
             if self.dead:
                 return
-            self.dead = True
+            self.dead = True  # before anything that allocates: a re-entrant call returns
             imports = [(s, h) for s, h in self.handles.items() if s is not self.home]
             home_handle = self.handles.get(self.home)
             self.handles = {}
