@@ -446,3 +446,17 @@ def test_close_frees_rknpu3_memory_once(npu3, model_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         del value
+
+
+def test_worker_memory_is_freed_by_close_even_when_a_worker_outlives_it(npu3, model_path):
+    """At interpreter exit the engine may close the backend while workers still run (it
+    gave up waiting for them): close frees the workers' I/O memory with the values', and a
+    worker that stops later frees nothing twice nor on the destroyed context."""
+    s = ezrt.InferenceSession(model_path)
+    s.run(None, pack(x))  # the worker's own I/O memory
+    s._backend.close()  # what the engine does when it abandons running tasks
+    assert npu3["mems_live"] == 0 and npu3["live"] == 0
+    with pytest.raises(ezrt.SessionClosedError):
+        s.run(None, pack(x))
+    s.close()  # now the workers stop and close
+    assert npu3.violations() == ""

@@ -152,7 +152,7 @@ class ContextSlot:
     def check_live(self) -> None:
         """Refuse a context that close destroyed (the caller holds the lock)."""
         if self.closed:
-            raise SessionClosedError("zero-copy I/O rejected: the session is closed")
+            raise SessionClosedError(f"the session is closed: its {self.label} was destroyed")
 
     def call_when_free(self, job: Callable[[], None]) -> None:
         """Run ``job`` under this slot's lock now if nobody holds it, else when it is let go."""

@@ -165,9 +165,9 @@ class Rknpu3Worker:
             outputs: List[Memory] = []
             try:
                 for spec in backend.zero_copy.inputs:
-                    inputs.append(backend.allocate(spec, 0, track=False))
+                    inputs.append(backend.allocate(spec, 0))
                 for spec in backend.zero_copy.outputs:
-                    outputs.append(backend.allocate(spec, 0, track=False))
+                    outputs.append(backend.allocate(spec, 0))
             except BaseException:
                 for memory in (*inputs, *outputs):
                     memory.free()
@@ -273,7 +273,7 @@ class Rknpu3Backend(Backend):
         self.config = config
         self.options = options
         self._given = dict(given_options or {})
-        #: The values' memory close frees (workers free their own); closed = session closed.
+        #: The memory close frees (values' and workers'); closed = the session is closed.
         self._registry = Registry()
         self.rt = abi.load_runtime(options.runtime_library)
         self._ops = _Ops(self.rt)
@@ -434,8 +434,9 @@ class Rknpu3Backend(Backend):
                 "cannot hold"
             )
 
-    def allocate(self, spec: IoSpec, mem_flags: int, *, track: bool = True) -> Memory:
-        """NPU memory for one tensor (``rknn3_create_mem``)."""
+    def allocate(self, spec: IoSpec, mem_flags: int) -> Memory:
+        """NPU memory for one tensor (``rknn3_create_mem``), a value's or a worker's: close
+        frees both (a worker abandoned at exit may outlive close)."""
         self._check_supported(spec)
         if mem_flags & ~0x3:
             raise InvalidArgumentError(
@@ -456,7 +457,7 @@ class Rknpu3Backend(Backend):
             self._ops,
             create,
             lambda handle: self._adopt(handle, spec),
-            register=self._registry.add if track else None,
+            register=self._registry.add,
         )
 
     def _adopt(
