@@ -437,9 +437,3 @@ def new_memory(
         if memory is None and release is not None:
             release()
         raise
-
-
-def free_all(memories: List[Memory]) -> None:
-    """Free several buffers (session close)."""
-    for memory in memories:
-        memory.free()
