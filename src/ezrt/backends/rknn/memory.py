@@ -22,10 +22,11 @@ Rules this module enforces, for both RKNPU2 (librknnrt) and RKNPU3 (librknn3_api
   step fails, what was made is let go (handle, dup'ed dma-buf fd, mapping).
 
 Close against allocation (the race between a value being made on one thread and
-``close()`` on another). Close does, in this order: refuse new work (the backend's closed
-flag), close the registry and free what it held, destroy each context under its slot's
-lock, marking the slot ``closed``. An allocation holds its context's slot from before its
-runtime call until it is recorded, and checks ``slot.closed`` first. So:
+``close()`` on another). Close does, in this order: refuse new work (RKNPU2:
+``Contexts.closed``; RKNPU3: the registry's own flag), close the registry and free what it
+held, destroy each context under its slot's lock, marking the slot ``closed``. An
+allocation holds its context's slot from before its runtime call until it is recorded,
+and checks ``slot.closed`` first. So:
 
 * a slot the allocation holds cannot be destroyed meanwhile (destroying needs the lock);
 * an allocation recorded before the registry closed is freed by close;
@@ -371,7 +372,9 @@ class Registry:
     over the memories recorded so far) are atomic with respect to each other."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # guards _closed, _memories; a leaf: nothing is called
+        # Guards _closed and _memories. A leaf: nothing is called or waited for under it (a
+        # finaliser the collector runs here frees memory, which never touches a registry).
+        self._lock = threading.Lock()
         self._closed = False
         self._memories: weakref.WeakSet[Memory] = weakref.WeakSet()
 
