@@ -447,3 +447,17 @@ def test_model_bytes_with_run_async_and_run_pipeline(npu):
         batch = {"x": np.concatenate([x, 2 * x]), "y": np.concatenate([y, y])}
         (joined,) = s.run(None, batch, {"ztu_modelrt_dispatch_batch": True})
         assert joined.tolist() == (batch["x"] + batch["y"]).tolist()
+
+
+def test_a_worker_that_outlives_close_never_uses_the_destroyed_context(npu):
+    """At interpreter exit the engine may close the backend while workers still run (it
+    gave up waiting for them); a task such a worker takes next fails, it does not call the
+    runtime on a destroyed context."""
+    s = session(IMAGE)
+    np.testing.assert_array_equal(s.run(None, {"image": x_nchw})[0], expected_nhwc)
+    s._backend.close()  # what the engine does when it abandons running tasks
+    assert npu["live"] == 0
+    with pytest.raises(ezrt.SessionClosedError, match="its context 0 was destroyed"):
+        s.run(None, {"image": x_nchw})
+    s.close()
+    assert npu.violations() == ""

@@ -24,6 +24,8 @@ import pytest
 
 import ezrt
 from ezrt.backends.rknn import abi
+from ezrt.backends.rknn.memory import ContextSlot
+from ezrt.backends.rknn.zerocopy import hold_dmabuf
 
 from .conftest import WAIT, Collector
 from .rknn_double.harness import (
@@ -34,9 +36,11 @@ from .rknn_double.harness import (
     NHWC,
     U8,
     UNDEF,
+    ContendedLock,
     Double,
     doubles,
     fake_model,
+    memfd_holds,
     needs_cc,
     npu,
 )
@@ -440,6 +444,60 @@ def test_dmabuf_inputs_in_the_native_layout(npu, own_mapping):
         mapping.close()
 
 
+@pytest.mark.parametrize("own_mapping", [False, True])
+def test_a_failed_dmabuf_import_lets_go_of_its_fd_and_mapping(npu, own_mapping):
+    """ezrt dups (and maps) the caller's fd to import it; when the import cannot go ahead
+    (here: no NPU memory left to make zero copy's home context), neither is kept."""
+    name = f"failed-import-{own_mapping}"
+    with session(add_model(F32, (1, 8), "max_contexts 1")) as s:
+        fd = os.memfd_create(name)
+        os.ftruncate(fd, 64)
+        mapping = mmap.mmap(fd, 64) if own_mapping else None
+        virt = None
+        if mapping is not None:
+            virt = np.ctypeslib.ctypes.addressof(np.ctypeslib.ctypes.c_char.from_buffer(mapping))
+        mine = memfd_holds(name)  # the caller's own (Python's mmap keeps a dup of its fd)
+        assert mine == ((2, 1) if own_mapping else (1, 0))
+        with pytest.raises(abi.RknnError, match=r"rknn_dup_context failed: RKNN_ERR_MALLOC_FAIL"):
+            ezrt.OrtValue.ortvalue_from_dmabuf(
+                fd, [1, 8], np.float32, size=32, virt_addr=virt, session=s, name="a",
+                io_kind="input",
+            )  # fmt: skip
+        assert memfd_holds(name) == mine  # ezrt's dup and mapping are gone
+        os.close(fd)
+        del virt
+        if mapping is not None:
+            mapping.close()
+    assert memfd_holds(name) == (0, 0)
+
+
+@pytest.mark.parametrize("virt_addr", [None, 0x10000])
+def test_a_dmabuf_fd_that_is_not_open_is_an_ezrt_error(npu, virt_addr):
+    """An ezrt error (a RuntimeError) whether or not ezrt maps the buffer itself."""
+    s = session(add_model(F32, (1, 8)))
+    with s, pytest.raises(ezrt.EzrtError, match=r"dup dma-buf fd failed: .*Bad file descriptor"):
+        ezrt.OrtValue.ortvalue_from_dmabuf(
+            1_000_000, [1, 8], np.float32, size=32, virt_addr=virt_addr, session=s, name="a",
+            io_kind="input",
+        )  # fmt: skip
+
+
+def test_a_dmabuf_hold_closes_its_fd_even_when_unmapping_fails():
+    name = "hold-unmap-fails"
+    fd = os.memfd_create(name)
+    os.ftruncate(fd, 64)
+    held = hold_dmabuf(fd, 32, 16, None)
+    assert memfd_holds(name) == (3, 1)  # the caller's, ezrt's dup, and the mmap object's own
+    export = memoryview(held.mapping)  # a live export: the mapping cannot be closed now
+    with pytest.raises(BufferError):
+        held.release()
+    assert memfd_holds(name) == (2, 1)  # ezrt's dup is closed all the same
+    export.release()
+    held.mapping.close()
+    os.close(fd)
+    assert memfd_holds(name) == (0, 0)
+
+
 # ---------------------------------------------------------------- lifetime
 
 
@@ -459,6 +517,222 @@ def test_memory_is_freed_with_its_value_and_at_close(npu):
     del keep
     gc.collect()
     assert npu["mem_destroys"] == npu["mem_creates"] + npu["mem_imports"]
+
+
+@pytest.mark.parametrize("kind", ["allocate", "import"])
+@pytest.mark.parametrize("when", ["inside the runtime call", "before the runtime call"])
+def test_memory_made_while_the_session_closes_is_refused_and_freed(npu, monkeypatch, kind, when):
+    """close() on another thread while a value is being made: either close frees the memory
+    or the factory refuses it (SessionClosedError) and frees it itself; never is memory left
+    on a context that close destroyed (the double logs that as a violation)."""
+    name = f"closing-{kind}-{when[:6]}"
+    s = session(add_model(F32, (1, 8)))
+    backend = s._backend
+    home = backend.contexts.home()
+    closer = threading.Thread(target=s.close)
+    if when == "inside the runtime call":
+        # close collects the memories to free, then waits for the home context that the
+        # allocation holds; only then does the runtime call return
+        probe = ContendedLock(home.lock)
+        monkeypatch.setattr(home, "lock", probe)
+        api = "rknn_create_mem" if kind == "allocate" else "rknn_create_mem_from_fd"
+        real, optional = backend.rt.optional(api), backend.rt.optional
+
+        def racing(*args):
+            handle = real(*args)
+            closer.start()
+            assert probe.contended.wait(WAIT), "close never reached the home context"
+            return handle
+
+        monkeypatch.setattr(backend.rt, "optional", lambda f: racing if f == api else optional(f))
+    else:  # the whole close runs after the allocation found the session open
+
+        def home_then_close():
+            closer.start()
+            closer.join(WAIT)
+            return home
+
+        monkeypatch.setattr(backend.contexts, "home", home_then_close)
+    fd = os.memfd_create(name)
+    os.ftruncate(fd, 32)
+    with pytest.raises(ezrt.SessionClosedError, match="the session is closed"):
+        if kind == "allocate":
+            ezrt.OrtValue.ortvalue_from_shape_and_type(
+                [1, 8], np.float32, "rknpu2", session=s, name="a", io_kind="input"
+            )
+        else:
+            ezrt.OrtValue.ortvalue_from_dmabuf(
+                fd, [1, 8], np.float32, size=32, session=s, name="a", io_kind="input"
+            )
+    closer.join(WAIT)
+    assert not closer.is_alive()
+    os.close(fd)
+    gc.collect()
+    assert npu.violations() == ""
+    assert npu["mems_live"] == 0 and npu["live"] == 0
+    assert memfd_holds(name) == (0, 0)
+
+
+def test_another_sessions_buffer_imported_while_the_session_closes_is_dropped(npu, monkeypatch):
+    """At interpreter exit the engine may close a backend while a bound run is still in
+    flight. A run that imports another session's buffer just then drops that import itself
+    (SessionClosedError) if close has already collected what to drop: the context is never
+    destroyed with the import on it, nor the import destroyed after the context."""
+    model = add_model(F32, (1, 8))
+    owner, user = session(model), session(model)
+    a, b = feeds(F32, (1, 8))
+    x = ezrt.OrtValue.ortvalue_from_numpy(a, "rknpu2", session=owner, name="a", io_kind="input")
+    binding = user.io_binding()
+    binding.bind_ortvalue_input("a", x)
+    binding.bind_cpu_input("b", b)
+    backend = user._backend
+    closer = threading.Thread(target=backend.close)  # as the engine does when it gives up
+    real, optional = backend.rt.optional("rknn_create_mem_from_fd"), backend.rt.optional
+    first = []
+
+    def racing(ctx, *args):
+        handle = real(ctx, *args)
+        if not first:  # x, imported into the worker's bound context (which the run holds)
+            first.append(ctx)
+            (slot,) = backend.contexts._bound.values()
+            probe = ContendedLock(slot.lock)
+            slot.lock = probe
+            closer.start()
+            assert probe.contended.wait(WAIT), "close never reached the bound context"
+        return handle
+
+    monkeypatch.setattr(
+        backend.rt, "optional", lambda f: racing if f == "rknn_create_mem_from_fd" else optional(f)
+    )
+    with pytest.raises(ezrt.SessionClosedError):
+        user.run_with_iobinding(binding)
+    closer.join(WAIT)
+    assert not closer.is_alive() and first
+    user.close()
+    assert npu.violations() == ""
+    assert x.memory_info()["import_count"] == 1  # only its own handle is left
+    np.testing.assert_array_equal(x.numpy(), a)
+    owner.close()
+    del x, binding
+    gc.collect()
+    assert npu["mems_live"] == 0 and npu["live"] == 0
+
+
+def test_a_failing_free_leaves_the_context_usable_and_the_other_frees_done(caplog):
+    """A free queued on a busy context runs when its holder lets go; one that raises is
+    logged, the frees after it still run, and the holder's lock is let go all the same."""
+    slot = ContextSlot(0x1234, None, "a context")
+    done = []
+
+    def failing() -> None:
+        raise OSError("injected")
+
+    held, leave = threading.Event(), threading.Event()
+    outcome = []
+
+    def holder() -> None:
+        try:
+            with slot:
+                held.set()
+                assert leave.wait(WAIT)
+            outcome.append("left")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert held.wait(WAIT)
+    slot.call_when_free(failing)  # queued: the holder is busy
+    slot.call_when_free(lambda: done.append("second"))
+    assert done == []
+    leave.set()
+    thread.join(WAIT)
+    assert outcome == ["left"] and done == ["second"]
+    assert slot.lock.acquire(blocking=False), "the slot stayed locked"
+    slot.lock.release()
+    assert "freeing NPU memory failed" in caplog.text and "injected" in caplog.text
+
+
+def test_close_frees_everything_even_when_one_free_fails(npu, monkeypatch, caplog):
+    """A destroy that raises (after the runtime call) is logged; close still frees the
+    session's other memory and destroys every context."""
+    from ezrt.backends.rknn import bound
+
+    real = bound._Ops.destroy_mem
+    calls = []
+
+    def destroy_mem(self, ctx, handle):
+        real(self, ctx, handle)
+        calls.append(handle)
+        if len(calls) == 1:
+            raise RuntimeError("injected after the destroy")
+
+    monkeypatch.setattr(bound._Ops, "destroy_mem", destroy_mem)
+    s = session(add_model(F32, (1, 8)))
+    values = [
+        ezrt.OrtValue.ortvalue_from_shape_and_type(
+            [1, 8], np.float32, "rknpu2", session=s, name=name, io_kind="input"
+        )
+        for name in ("a", "b", "a")
+    ]
+    s.close()
+    assert len(calls) == 3 and not any(v.has_value() for v in values)
+    assert npu["mems_live"] == 0 and npu["live"] == 0
+    assert "freeing NPU memory failed" in caplog.text
+
+
+class _CollectingHandles(dict):
+    """A memory's handle table that runs the garbage collector whenever it is read: the
+    collector (and so a value's finaliser) runs inside the memory's own critical section."""
+
+    def items(self):
+        gc.collect()
+        return super().items()
+
+
+class _Cycle:
+    """Keeps a value only through a reference cycle: the collector, not refcounting, ends it."""
+
+    def __init__(self, value) -> None:
+        self.me = self
+        self.value = value
+
+
+@pytest.mark.parametrize("whose", ["its own", "another session's"])
+def test_a_value_collected_while_close_frees_its_memory_does_not_deadlock(npu, whose):
+    """close frees (or, for another session's buffer, drops its imports of) memory whose
+    value is garbage in a reference cycle; the collector may run inside that critical
+    section and finalise the value, which frees the same memory again on the same thread."""
+    model = add_model(F32, (1, 8))
+    owner = session(model)
+    user = session(model) if whose == "another session's" else owner
+    cycle = _Cycle(
+        ezrt.OrtValue.ortvalue_from_shape_and_type(
+            [1, 8], np.float32, "rknpu2", session=owner, name="a", io_kind="input"
+        )
+    )
+    memory = cycle.value.memory
+    if user is not owner:  # a bound run of `user` imports the buffer into its context
+        binding = user.io_binding()
+        binding.bind_ortvalue_input("a", cycle.value)
+        binding.bind_cpu_input("b", np.ones((1, 8), np.float32))
+        user.run_with_iobinding(binding)
+        del binding
+    gc.collect()
+    gc.disable()  # from here the cycle goes only when the handle table says so
+    try:
+        del cycle
+        memory.handles = _CollectingHandles(memory.handles)
+        closer = threading.Thread(target=user.close, daemon=True)
+        closer.start()
+        closer.join(WAIT)
+        assert not closer.is_alive(), "close deadlocked"
+    finally:
+        gc.enable()
+    assert npu.violations() == ""
+    assert memory.dead  # the finaliser freed it (its session is open, or close did)
+    owner.close()
+    assert npu["mems_live"] == 0 and npu["live"] == 0
 
 
 def test_a_binding_keeps_its_session_alive_and_refuses_after_close(npu):
@@ -618,7 +892,11 @@ def test_the_double_reports_broken_memory_rules(npu):
     expect("is not a native layout")
     rt.rknn_destroy(ctx.value)
     expect("context destroyed with 2 memories not destroyed")
+    assert not create(ctx.value, 16)
+    expect("is not alive (destroyed, or never made)")  # memory made on a destroyed context
     rt.rknn_destroy(other.value)
+    rt.rknn_destroy(other.value)
+    expect("is not alive (destroyed twice, or never made)")
 
 
 @pytest.fixture

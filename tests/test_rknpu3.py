@@ -8,6 +8,7 @@ and ``run_pipeline`` on ezrt's workers sharing the one context.
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import pathlib
@@ -21,7 +22,17 @@ import ezrt
 from ezrt.backends.rknn.layout import nc1hwc2_to_nchw, nchw_to_nc1hwc2
 
 from .conftest import WAIT, Collector
-from .rknn_double.harness import WEIGHTS, doubles, fake_model, fake_rknx, needs_cc, npu, npu3
+from .rknn_double.harness import (
+    WEIGHTS,
+    ContendedLock,
+    doubles,
+    fake_model,
+    fake_rknx,
+    memfd_holds,
+    needs_cc,
+    npu,
+    npu3,
+)
 
 __all__ = ["doubles", "npu", "npu3"]  # fixtures used here
 
@@ -280,6 +291,102 @@ def test_rknpu3_dmabuf_input(npu3, model_path):
             del view, value, binding
 
 
+@pytest.mark.parametrize("own_mapping", [False, True])
+def test_memory_the_runtime_cannot_map_is_refused_and_let_go(npu3, tmp_path, own_mapping):
+    """A handle the runtime gives without a CPU address is destroyed, and an imported
+    dma-buf's dup and mapping are let go with it; the caller keeps only their own."""
+    name = f"unmapped-{own_mapping}"
+    path = write_model(tmp_path, IMAGE + b"mem_unmapped\n")
+    with ezrt.InferenceSession(path) as s:
+        with pytest.raises(ezrt.EzrtError, match="RKNPU3 tensor memory is unmapped or too small"):
+            ezrt.OrtValue.ortvalue_from_shape_and_type(
+                [1, 1, 4, 5, 8], np.float16, "rknpu3", session=s, name="x", io_kind="input"
+            )
+        fd = os.memfd_create(name)
+        os.ftruncate(fd, 640)
+        mapping = mmap.mmap(fd, 640) if own_mapping else None
+        virt = None
+        if mapping is not None:
+            virt = np.ctypeslib.ctypes.addressof(np.ctypeslib.ctypes.c_char.from_buffer(mapping))
+        mine = memfd_holds(name)  # the caller's own (Python's mmap keeps a dup of its fd)
+        with pytest.raises(ezrt.EzrtError, match="RKNPU3 tensor memory is unmapped or too small"):
+            ezrt.OrtValue.ortvalue_from_dmabuf(
+                fd, [1, 1, 4, 5, 8], np.float16, size=640, virt_addr=virt, session=s, name="x",
+                io_kind="input",
+            )  # fmt: skip
+        assert memfd_holds(name) == mine
+        assert npu3["mems_live"] == 0
+        os.close(fd)
+        del virt
+        if mapping is not None:
+            mapping.close()
+    assert memfd_holds(name) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "kind, when",
+    [
+        ("allocate", "inside the runtime call"),
+        ("import", "inside the runtime call"),
+        ("import", "before the runtime call"),
+    ],
+)
+def test_memory_made_while_the_session_closes_is_refused_and_freed(
+    npu3, model_path, monkeypatch, kind, when
+):
+    """close() on another thread while a value is being made: the factory refuses it
+    (SessionClosedError) and frees it while the context still exists, or close frees it;
+    nothing is left on, or made on, the destroyed context."""
+    from ezrt.backends.rknn.rknpu3 import backend as rknpu3_backend
+
+    name = f"closing3-{kind}-{when[:6]}"
+    s = ezrt.InferenceSession(model_path)
+    backend = s._backend
+    closer = threading.Thread(target=s.close)
+    if when == "inside the runtime call":
+        # close collects the memories to free, then waits for the context this thread holds
+        probe = ContendedLock(backend._slot.lock)
+        monkeypatch.setattr(backend._slot, "lock", probe)
+        api = "rknn3_create_mem" if kind == "allocate" else "rknn3_create_mem_from_fd"
+        real = getattr(backend.rt, api)
+
+        def racing(*args):
+            handle = real(*args)
+            closer.start()
+            assert probe.contended.wait(WAIT), "close never reached the context"
+            return handle
+
+        monkeypatch.setattr(backend.rt, api, racing)
+    else:  # the whole close runs after the import found the session open
+        real_hold = rknpu3_backend.hold_dmabuf
+
+        def hold_then_close(*args):
+            held = real_hold(*args)
+            closer.start()
+            closer.join(WAIT)
+            return held
+
+        monkeypatch.setattr(rknpu3_backend, "hold_dmabuf", hold_then_close)
+    fd = os.memfd_create(name)
+    os.ftruncate(fd, 640)
+    with pytest.raises(ezrt.SessionClosedError, match="the session is closed"):
+        if kind == "allocate":
+            ezrt.OrtValue.ortvalue_from_shape_and_type(
+                [1, 1, 4, 5, 8], np.float16, "rknpu3", session=s, name="x", io_kind="input"
+            )
+        else:
+            ezrt.OrtValue.ortvalue_from_dmabuf(
+                fd, [1, 1, 4, 5, 8], np.float16, size=640, session=s, name="x", io_kind="input"
+            )
+    closer.join(WAIT)
+    assert not closer.is_alive()
+    os.close(fd)
+    gc.collect()
+    assert npu3.violations() == ""
+    assert npu3["mems_live"] == 0 and npu3["live"] == 0
+    assert memfd_holds(name) == (0, 0)
+
+
 def test_bound_runs_beside_run_async_share_the_context_safely(npu3, tmp_path):
     path = write_model(tmp_path, IMAGE + b"latency_us 1000\n")
     errors = []
@@ -339,3 +446,17 @@ def test_close_frees_rknpu3_memory_once(npu3, model_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         del value
+
+
+def test_worker_memory_is_freed_by_close_even_when_a_worker_outlives_it(npu3, model_path):
+    """At interpreter exit the engine may close the backend while workers still run (it
+    gave up waiting for them): close frees the workers' I/O memory with the values', and a
+    worker that stops later frees nothing twice nor on the destroyed context."""
+    s = ezrt.InferenceSession(model_path)
+    s.run(None, pack(x))  # the worker's own I/O memory
+    s._backend.close()  # what the engine does when it abandons running tasks
+    assert npu3["mems_live"] == 0 and npu3["live"] == 0
+    with pytest.raises(ezrt.SessionClosedError):
+        s.run(None, pack(x))
+    s.close()  # now the workers stop and close
+    assert npu3.violations() == ""

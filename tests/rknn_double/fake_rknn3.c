@@ -17,13 +17,15 @@
  *   core_unused                             rknn3_model_init returns -100 (a warning)
  *   fail_load CODE                          loading the model returns CODE
  *   opaque_strides                          attrs report n_stride = n_dims + 1
+ *   mem_unmapped                            rknn3_create_mem / rknn3_create_mem_from_fd report
+ *                                           virt_addr NULL (memory without a CPU mapping)
  * TYPE is the RKNPU3 tensor type enum (0 float32, 1 float16, 2 int8, ...).
  * The weight file (or buffer) must start with "FAKE-WEIGHT", else loading returns -3.
  *
  * Rules it checks (violations: fake_rknn3_violations): the memory rules of fake_mem.h; every
  * Tensor given to rknn3_run carries the model's own attr (type, layout, dims, strides,
  * aligned_size) and memory of that context holding aligned_size bytes; no call overlaps a
- * running rknn3_run on the same context; rknn3_model_init gets a non-zero core mask (runtime
+ * running rknn3_run on the same context, or uses a context that is not alive; rknn3_model_init gets a non-zero core mask (runtime
  * 1.0.4 refuses AUTO = 0). Counters: fake_rknn3_counter("contexts"|"live"|"runs"|
  * "mems_live"|"mem_creates"|"mem_imports"|"mem_destroys"|"model_inits"|"core_mask"|
  * "priority"|"run_timeout"|"device_id_set"), fake_rknn3_reset().
@@ -93,7 +95,7 @@ typedef struct {
     float mix_coef[MAX_MIX];
     uint32_t cores, w_align;
     long latency_us;
-    int core_unused, fail_load, opaque;
+    int core_unused, fail_load, opaque, mem_unmapped;
 } model_t;
 
 typedef struct ctx_s {
@@ -283,6 +285,7 @@ static int parse_model(const char *data, uint64_t size, model_t *m) {
         else if (strcmp(word, "latency_us") == 0) m->latency_us = atol(rest);
         else if (strcmp(word, "core_unused") == 0) m->core_unused = 1;
         else if (strcmp(word, "fail_load") == 0) m->fail_load = atoi(rest);
+        else if (strcmp(word, "mem_unmapped") == 0) m->mem_unmapped = 1;
         else if (strcmp(word, "mix") == 0 && m->n_mix < MAX_MIX) {
             int k = m->n_mix++;
             sscanf(rest, "%d %d %f", &m->mix_out[k], &m->mix_in[k], &m->mix_coef[k]);
@@ -324,7 +327,11 @@ static ctx_t *find(Context handle) {
 
 static ctx_t *enter(Context handle, const char *api) {
     ctx_t *c = find(handle);
-    if (c && c->busy) fm_violation("%s: context used while another thread is in rknn3_run", api);
+    if (!c)
+        fm_violation("%s: context %#llx is not alive (destroyed, or never made)", api,
+                     (unsigned long long)handle);
+    else if (c->busy)
+        fm_violation("%s: context used while another thread is in rknn3_run", api);
     return c;
 }
 
@@ -415,6 +422,8 @@ int rknn3_destroy(Context ctx) {
     ctx_t **link = &contexts;
     while (*link && (*link)->handle != ctx) link = &(*link)->next;
     if (!*link) {
+        fm_violation("rknn3_destroy: context %#llx is not alive (destroyed twice, or never made)",
+                     (unsigned long long)ctx);
         pthread_mutex_unlock(&lock);
         return -4;
     }
@@ -583,6 +592,7 @@ TensorMem *rknn3_create_mem(Context ctx, uint64_t size, int32_t core_id, int all
         fm_mem *rec = fm_create(ctx, mem, (size_t)size);
         if (rec) {
             new_handle(rec, core_id, (uint64_t)alloc_flags);
+            if (c->model && c->model->mem_unmapped) mem->virt_addr = NULL;
             counters[C_MEM_CREATES]++;
             counters[C_MEMS_LIVE]++;
         } else {
@@ -606,6 +616,7 @@ TensorMem *rknn3_create_mem_from_fd(Context ctx, int32_t fd, void *virt_addr, ui
             new_handle(rec, -1, 0);
             mem->fd = fd;
             mem->virt_addr = virt_addr ? virt_addr : rec->map;
+            if (c->model && c->model->mem_unmapped) mem->virt_addr = NULL;
             counters[C_MEM_IMPORTS]++;
             counters[C_MEMS_LIVE]++;
         } else {

@@ -21,6 +21,8 @@
  *   mix OUTPUT INPUT COEF          output OUTPUT also adds COEF * input INPUT (e.g. an Add model)
  *   no_mem_fd                      rknn_create_mem reports fd -1 (memory no other context can
  *                                  import; some runtimes allocate that way)
+ *   max_contexts N                 rknn_dup_context fails (RKNN_ERR_MALLOC_FAIL) once N contexts
+ *                                  share the model (the NPU ran out of memory for another)
  * TYPE/FMT/QNT are the integer enum values of the ABI.
  *
  * Zero copy (rknn_create_mem*, rknn_create_mem_from_fd, rknn_set_io_mem, rknn_mem_sync,
@@ -32,7 +34,8 @@
  * of an NC1HWC2-native tensor with pass_through = 0) and the memory must hold
  * size_with_stride bytes. A context whose I/O memory was set is a zero-copy context: the copy
  * calls (rknn_inputs_set, rknn_outputs_get) on it are violations, as is any call on a context
- * while another thread is inside rknn_run on it.
+ * while another thread is inside rknn_run on it, or on a context that is not alive (destroyed,
+ * or never made: handles are never reused).
  *
  * Counters for leak checks: fake_rknn_counter("contexts"|"dups"|"inits"|"destroys"|
  * "live"|"outputs_alloc"|"outputs_free"|"runs"|"mask_calls"|"shape_calls"|"mems_live"|
@@ -153,6 +156,7 @@ typedef struct {
     float fail_value;
     uint32_t w_align;
     int no_mem_fd;
+    int max_contexts;
 } model_t;
 
 typedef struct ctx_s {
@@ -327,6 +331,7 @@ static int parse_model(const char *data, uint32_t size, model_t *m) {
         else if (strcmp(word, "fail_init") == 0) m->fail_init = atoi(rest);
         else if (strcmp(word, "w_align") == 0) m->w_align = (uint32_t)atoi(rest);
         else if (strcmp(word, "no_mem_fd") == 0) m->no_mem_fd = 1;
+        else if (strcmp(word, "max_contexts") == 0) m->max_contexts = atoi(rest);
         else if (strcmp(word, "fail_run_value") == 0) {
             m->has_fail_value = 1;
             m->fail_value = (float)atof(rest);
@@ -450,10 +455,14 @@ static ctx_t *find(rknn_context handle) {
     return NULL;
 }
 
-/* find() for a call that must not overlap a running rknn_run on the same context. */
+/* find() for a call on a live context that must not overlap a running rknn_run on it. */
 static ctx_t *enter(rknn_context handle, const char *api) {
     ctx_t *c = find(handle);
-    if (c && c->busy) fm_violation("%s: context used while another thread is in rknn_run", api);
+    if (!c)
+        fm_violation("%s: context %#llx is not alive (destroyed, or never made)", api,
+                     (unsigned long long)handle);
+    else if (c->busy)
+        fm_violation("%s: context used while another thread is in rknn_run", api);
     return c;
 }
 
@@ -507,6 +516,10 @@ int rknn_dup_context(rknn_context *context_in, rknn_context *context_out) {
         pthread_mutex_unlock(&lock);
         return -7;
     }
+    if (src->model->max_contexts && *src->model_refs >= src->model->max_contexts) {
+        pthread_mutex_unlock(&lock);
+        return -4;
+    }
     ctx_t *c = add_context(src->model, src->model_refs);
     counters[C_DUPS]++;
     *context_out = c->handle; /* core mask is NOT inherited (as the real runtime) */
@@ -519,6 +532,8 @@ int rknn_destroy(rknn_context context) {
     ctx_t **link = &contexts;
     while (*link && (*link)->handle != context) link = &(*link)->next;
     if (!*link) {
+        fm_violation("rknn_destroy: context %#llx is not alive (destroyed twice, or never made)",
+                     (unsigned long long)context);
         pthread_mutex_unlock(&lock);
         return -7;
     }

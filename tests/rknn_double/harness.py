@@ -9,13 +9,14 @@ two threads on one context...): the fixtures assert that a test left none behind
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import pathlib
 import shutil
 import subprocess
 import threading
-from typing import Dict, Iterator
+from typing import Any, Dict, Iterator, Tuple
 
 import pytest
 
@@ -137,3 +138,35 @@ def fake_rknx(*lines: str) -> bytes:
 
 
 WEIGHTS = b"FAKE-WEIGHT for the RKNPU3 double\n"
+
+
+def memfd_holds(name: str) -> Tuple[int, int]:
+    """(open descriptors, mappings) this process has of the memfd called ``name`` (Linux):
+    what a test counts to see that ezrt let go of its dup and mapping of a dma-buf."""
+    tag = f"/memfd:{name} "  # the kernel names it "/memfd:NAME (deleted)"
+    fds = 0
+    for entry in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the descriptor listdir itself used, now closed
+            fds += tag in os.readlink(f"/proc/self/fd/{entry}")
+    with open("/proc/self/maps") as maps:
+        mapped = sum(tag in line for line in maps)
+    return fds, mapped
+
+
+class ContendedLock:
+    """A stand-in for a context slot's lock in a race test: :attr:`contended` is set once a
+    thread other than the one that made it starts to wait for the lock (close, say, for the
+    context that the test's own thread holds while it allocates)."""
+
+    def __init__(self, lock: Any) -> None:
+        self._lock = lock
+        self._maker = threading.get_ident()
+        self.contended = threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if blocking and threading.get_ident() != self._maker:
+            self.contended.set()
+        return bool(self._lock.acquire(blocking, timeout))
+
+    def release(self) -> None:
+        self._lock.release()

@@ -6,26 +6,32 @@ zero-copy context, importing each buffer there on first use. A context whose I/O
 was set never runs ``rknn_inputs_set``, so a bound buffer can never be overwritten by
 another task's input. Every memory the session made or imported is freed (or its imports
 dropped) when the session closes, before its contexts are destroyed.
+
+Close against a value being made on another thread follows :mod:`.memory`: close refuses
+new zero copy (``Contexts.close``), then closes the session's
+:class:`~ezrt.backends.rknn.memory.Registry` and frees what it held, then destroys the
+contexts. Memory is made by :func:`~ezrt.backends.rknn.memory.new_memory` while holding the
+home slot until it is recorded, so it is either freed by close or refused and freed at
+once, while the home context still exists. An import of another session's buffer into one
+of this session's contexts is recorded the same way, or dropped at once.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import threading
-import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
-from ...errors import EzrtError, InvalidArgumentError
+from ...errors import EzrtError, InvalidArgumentError, SessionClosedError
 from ...options import SessionConfig
 from . import abi
 from .contexts import Contexts
 from .layout import NativeLayout
-from .memory import ContextSlot, Memory, describe_mem
+from .memory import ContextSlot, Memory, Registry, describe_mem, new_memory
 from .model import ModelInfo
 from .native import copy_attr, describe_inputs, describe_outputs
 from .values import IoSpec, RknnOrtValue
-from .zerocopy import BoundRun, hold_dmabuf, import_held
+from .zerocopy import BoundRun, hold_dmabuf
 
 __all__ = ["RknnZeroCopy"]
 
@@ -132,8 +138,8 @@ class RknnZeroCopy:
         self._model = model
         self._config = config
         self._view: Optional[_View] = None  # made under the contexts' lock
-        self._memories_lock = threading.Lock()  # guards _memories
-        self._memories: weakref.WeakSet[Memory] = weakref.WeakSet()
+        #: What close frees: memory made here, and other sessions' memory imported here.
+        self._registry = Registry()
 
     def view(self) -> _View:
         """The session's tensors as zero copy sees them (queried on first use)."""
@@ -160,52 +166,55 @@ class RknnZeroCopy:
 
     # ------------------------------------------------------------------ memory
 
-    def _track(self, memory: Memory) -> None:
-        with self._memories_lock:
-            self._memories.add(memory)
-
     def allocate(self, size: int, mem_flags: int) -> Memory:
         """New NPU memory on the home context (``rknn_create_mem``; ``rknn_create_mem2`` when
         flags are asked for)."""
         home = self._contexts.home()
-        with home:
-            if mem_flags:
-                handle = self._rt.optional("rknn_create_mem2")(home.ctx, size, mem_flags)
-                api = "rknn_create_mem2"
-            else:
-                handle = self._rt.optional("rknn_create_mem")(home.ctx, size)
-                api = "rknn_create_mem"
-        if not handle:
-            raise EzrtError(f"{api} failed: could not allocate {size} bytes of NPU memory")
-        memory = Memory(self._ops, home, handle, size=size)
-        self._track(memory)
-        return memory
+        if mem_flags:
+            api, create_mem = "rknn_create_mem2", self._rt.optional("rknn_create_mem2")
+        else:
+            api, create_mem = "rknn_create_mem", self._rt.optional("rknn_create_mem")
+
+        def create(ctx: int) -> Any:
+            handle = create_mem(ctx, size, mem_flags) if mem_flags else create_mem(ctx, size)
+            if not handle:
+                raise EzrtError(f"{api} failed: could not allocate {size} bytes of NPU memory")
+            return handle
+
+        def build(handle: Any) -> Memory:
+            return Memory(self._ops, home, handle, size=size)
+
+        return new_memory(home, self._ops, create, build, register=self._registry.add)
 
     def import_dmabuf(self, fd: int, size: int, offset: int, virt_addr: Optional[int]) -> Memory:
         """The caller's dma-buf, imported into the home context (the fd is dup'ed and, without
-        ``virt_addr``, mapped: the value owns both)."""
-        held = hold_dmabuf(fd, size, offset, virt_addr)
+        ``virt_addr``, mapped: the value owns both; if the import fails, both are let go)."""
         home = self._contexts.home()
-        handle = import_held(self._ops, home, held, size, offset)
-        memory = Memory(
-            self._ops,
-            home,
-            handle,
-            size=size,
-            owned_fd=held.fd,
-            mapping=held.mapping,
-            dmabuf=True,
-            where=(held.fd, held.address, offset),  # what the caller gave, not the runtime's echo
+        held = hold_dmabuf(fd, size, offset, virt_addr)
+
+        def create(ctx: int) -> Any:
+            return self._ops.import_fd(ctx, held.fd, held.address, size, offset)
+
+        def build(handle: Any) -> Memory:
+            return Memory(
+                self._ops,
+                home,
+                handle,
+                size=size,
+                owned_fd=held.fd,
+                mapping=held.mapping,
+                dmabuf=True,
+                where=(held.fd, held.address, offset),  # the caller's, not the runtime's echo
+            )
+
+        return new_memory(
+            home, self._ops, create, build, release=held.release, register=self._registry.add
         )
-        self._track(memory)
-        return memory
 
     def free_memories(self) -> None:
-        """Session close: free the memory it made, drop its imports of other sessions'."""
-        with self._memories_lock:
-            memories = list(self._memories)
-            self._memories = weakref.WeakSet()
-        for memory in memories:
+        """Session close (after ``Contexts.close``, before the contexts are destroyed): free
+        the memory it made, drop its imports of other sessions'; record nothing more."""
+        for memory in self._registry.close() or ():
             if memory.home.owner is self.owner:
                 memory.free()
             else:
@@ -223,6 +232,7 @@ class RknnZeroCopy:
             slot = self._contexts.bound(index)
         set_io = self._rt.optional("rknn_set_io_mem")
         with slot:
+            slot.check_live()  # a bound context is reused without the contexts' lock
             for kind, pairs in (("input", run.inputs), ("output", run.outputs)):
                 for spec, value in pairs:
                     self._set_io_mem(set_io, slot, kind, spec, value.memory)
@@ -236,7 +246,11 @@ class RknnZeroCopy:
         """Bind ``memory`` to ``spec`` on ``slot`` (whose lock the caller holds)."""
         handle = memory.handle_for(slot)
         if memory.home.owner is not self.owner:  # another session's: drop it at close
-            self._track(memory)
+            try:
+                self._registry.add(memory)
+            except SessionClosedError:  # closing now: drop it at once (this slot is held)
+                memory.drop_imports(self.owner)
+                raise
         if memory.size < spec.layout.nbytes:
             raise EzrtError(
                 f"Bound {kind} OrtValue is too small for {kind}: {spec.name} "

@@ -10,7 +10,10 @@ mask) and the session's custom ops, and sits in a
 :class:`~ezrt.backends.rknn.memory.ContextSlot`.
 
 Locks: :attr:`Contexts.lock` guards ``closed`` and the zero-copy contexts; whatever is made
-under :meth:`Contexts.while_open` is made before ``close`` and so destroyed by it.
+under :meth:`Contexts.while_open` is made before ``close`` and so destroyed by it. It is
+taken before any slot's lock (making a context borrows the first context's, or the
+lender's), never while holding one. The memory made on these contexts is freed before they
+are destroyed by the rules of :mod:`.memory` (a destroyed slot is marked ``closed``).
 ``_share_lock`` guards the weight-sharing count: a session whose weights others borrow
 destroys its contexts only once it is closed and the last borrower has destroyed its own.
 """

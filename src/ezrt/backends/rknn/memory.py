@@ -12,27 +12,67 @@ Rules this module enforces, for both RKNPU2 (librknnrt) and RKNPU3 (librknn3_api
   garbage-collected, when its session closes, or both (the second call does nothing).
 * **Freeing never blocks a running inference.** A handle whose context is busy is queued
   on the slot and destroyed by the lock holder as it releases (:meth:`ContextSlot.release`),
-  and the allocation's own destroy waits until its last import is gone.
+  and the allocation's own destroy waits until its last import is gone. A free that fails
+  is logged and the others go on; it never leaves a slot locked.
 * **Caches are synced in the right direction.** The memory remembers whether the CPU wrote
   it since the last sync (``cpu_dirty``) and whether the NPU wrote it since the CPU last
   looked (``device_fresh``); :meth:`Memory.cpu_view` and the run path sync accordingly.
+* **Memory is made all or nothing, and never outlives its context.** :func:`new_memory`
+  makes a handle, wraps it and records it in the session's :class:`Registry`; whatever
+  step fails, what was made is let go (handle, dup'ed dma-buf fd, mapping).
+
+Close against allocation (the race between a value being made on one thread and
+``close()`` on another). Close does, in this order: refuse new work (RKNPU2:
+``Contexts.closed``; RKNPU3: the registry's own flag), close the registry and free what it
+held, destroy each context under its slot's lock, marking the slot ``closed``. An
+allocation holds its context's slot from before its runtime call until it is recorded,
+and checks ``slot.closed`` first. So:
+
+* a slot the allocation holds cannot be destroyed meanwhile (destroying needs the lock);
+* an allocation recorded before the registry closed is freed by close;
+* one that finds the registry closed frees its memory itself, at once (it holds the slot,
+  so the context is still alive) and raises :class:`~ezrt.errors.SessionClosedError`;
+* one that reaches the slot after close destroyed it raises the same, having made nothing.
+
+Lock order: a backend's own lock (RKNPU2 ``Contexts.lock``) before any slot lock, a slot
+lock before ``Memory.lock`` and before the registry's lock. Nobody waits while holding a
+lock the other side needs: close takes its locks one at a time and holds none while it
+waits for a slot; a slot holder (an allocation, a run) waits only for ``Memory.lock`` or
+the registry's lock, whose holders wait for nothing (the registry calls nothing under its
+lock; a memory's lock is held around runtime calls on a slot its holder already has); and
+:meth:`Memory.free` never blocks on a slot (it queues the destroy on a busy one), so a
+garbage-collection finaliser may run it on any thread. The collector may even run inside a
+memory's own critical section (close freeing memory whose value is garbage in a cycle):
+``Memory.lock`` is re-entrant and the sections it guards tolerate that free.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import os
 import threading
+import weakref
 from collections import deque
 from functools import partial
 from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Tuple
 
 from ...errors import EzrtError, SessionClosedError
 
-__all__ = ["ContextSlot", "DeviceOps", "Memory", "describe_mem"]
+__all__ = [
+    "ContextSlot",
+    "DeviceOps",
+    "Memory",
+    "Registry",
+    "describe_mem",
+    "let_go",
+    "new_memory",
+]
 
 SYNC_TO_DEVICE, SYNC_FROM_DEVICE = 1, 2
+
+logger = logging.getLogger("ezrt")
 
 
 def describe_mem(handle: Any) -> Dict[str, int]:
@@ -91,8 +131,10 @@ class ContextSlot:
     def release(self) -> None:
         """Run the queued frees, then let go; re-take the lock if more arrived meanwhile."""
         while True:
-            self._drain()
-            self.lock.release()
+            try:
+                self._drain()
+            finally:
+                self.lock.release()
             if not self.pending or not self.lock.acquire(blocking=False):
                 return
 
@@ -106,19 +148,33 @@ class ContextSlot:
                 job = self.pending.popleft()
             except IndexError:
                 return
-            job()
+            _run_job(job)
+
+    def check_live(self) -> None:
+        """Refuse a context that close destroyed (the caller holds the lock)."""
+        if self.closed:
+            raise SessionClosedError(f"the session is closed: its {self.label} was destroyed")
 
     def call_when_free(self, job: Callable[[], None]) -> None:
         """Run ``job`` under this slot's lock now if nobody holds it, else when it is let go."""
         if self.lock.acquire(blocking=False):
             try:
-                job()
+                _run_job(job)
             finally:
                 self.release()
             return
         self.pending.append(job)
         if self.lock.acquire(blocking=False):  # the holder may have left before the append
             self.release()
+
+
+def _run_job(job: Callable[[], None]) -> None:
+    """Run one queued free. Nobody could act on its failure (it runs in a finaliser, in
+    close, or in whichever thread let the slot go): log it, and go on with the others."""
+    try:
+        job()
+    except Exception:
+        logger.error("ezrt: freeing NPU memory failed", exc_info=True)
 
 
 class Memory:
@@ -138,7 +194,10 @@ class Memory:
     ) -> None:
         self.ops = ops
         self.home = home
-        self.lock = threading.Lock()  # guards handles, dead and the cache flags
+        # Guards handles, dead and the cache flags. Re-entrant: the collector may run inside
+        # a critical section and finalise this memory's value, whose free() then re-enters
+        # on the same thread (see free() and drop_imports() for why that is safe).
+        self.lock = threading.RLock()
         self.handles: Dict[ContextSlot, Any] = {home: handle}
         facts = ops.describe(handle)
         self.size = size
@@ -246,7 +305,9 @@ class Memory:
             mine = [
                 (s, h) for s, h in self.handles.items() if s.owner is owner and s is not self.home
             ]
-            for slot, _ in mine:
+            if self.dead:  # freed (every handle) while that list was made: nothing is ours
+                return
+            for slot, _ in mine:  # no allocation from the check on: the collector cannot run
                 del self.handles[slot]
         for slot, handle in mine:
             slot.call_when_free(partial(self.ops.destroy_mem, slot.ctx, handle))
@@ -256,7 +317,7 @@ class Memory:
         with self.lock:
             if self.dead:
                 return
-            self.dead = True
+            self.dead = True  # before anything that allocates: a re-entrant call returns
             imports = [(s, h) for s, h in self.handles.items() if s is not self.home]
             home_handle = self.handles.get(self.home)
             self.handles = {}
@@ -265,9 +326,11 @@ class Memory:
 
         def release_home() -> None:
             def destroy_home() -> None:
-                if home_handle is not None:
-                    self.ops.destroy_mem(self.home.ctx, home_handle)
-                self._unmap()
+                try:
+                    if home_handle is not None:
+                        self.ops.destroy_mem(self.home.ctx, home_handle)
+                finally:
+                    self._unmap()
 
             self.home.call_when_free(destroy_home)
 
@@ -288,15 +351,92 @@ class Memory:
 
     def _unmap(self) -> None:
         self._mapping_export = None
-        if self._mapping is not None:
-            self._mapping.close()
-            self._mapping = None
-        if self._owned_fd is not None:
-            os.close(self._owned_fd)
-            self._owned_fd = None
+        mapping, fd = self._mapping, self._owned_fd
+        self._mapping = self._owned_fd = None
+        let_go(fd, mapping)
 
 
-def free_all(memories: List[Memory]) -> None:
-    """Free several buffers (session close)."""
-    for memory in memories:
-        memory.free()
+def let_go(fd: Optional[int], mapping: Optional[mmap.mmap]) -> None:
+    """Unmap ``mapping`` and close ``fd`` (a dma-buf ezrt holds); the descriptor is closed
+    even if unmapping fails (and that error then raised)."""
+    try:
+        if mapping is not None:
+            mapping.close()
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+class Registry:
+    """The memories a session frees when it closes: recording one and closing (which hands
+    over the memories recorded so far) are atomic with respect to each other."""
+
+    def __init__(self) -> None:
+        # Guards _closed and _memories. A leaf: nothing is called or waited for under it (a
+        # finaliser the collector runs here frees memory, which never touches a registry).
+        self._lock = threading.Lock()
+        self._closed = False
+        self._memories: weakref.WeakSet[Memory] = weakref.WeakSet()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def add(self, memory: Memory) -> None:
+        """Record ``memory`` (again is fine); SessionClosedError once closed."""
+        with self._lock:
+            if self._closed:
+                raise SessionClosedError("zero-copy I/O rejected: the session is closed")
+            self._memories.add(memory)
+
+    def close(self) -> Optional[List[Memory]]:
+        """Record nothing more; the memories recorded so far, or None if already closed."""
+        with self._lock:
+            if self._closed:
+                return None
+            self._closed = True
+            memories = list(self._memories)
+            self._memories = weakref.WeakSet()
+        return memories
+
+
+def new_memory(
+    slot: ContextSlot,
+    ops: DeviceOps,
+    create: Callable[[int], Any],
+    build: Callable[[Any], Memory],
+    *,
+    release: Optional[Callable[[], None]] = None,
+    register: Optional[Callable[[Memory], None]] = None,
+) -> Memory:
+    """A runtime memory on ``slot``'s context, made all or nothing.
+
+    ``create(ctx)`` makes the handle (or raises), ``build(handle)`` wraps it in a
+    :class:`Memory` (which then owns what ``release`` lets go of, e.g. a dma-buf hold; until
+    it returns, nothing is owned), ``register(memory)`` records it for the session's close.
+    Whatever step raises, what was made is let go before the error propagates: the handle
+    destroyed, ``release()`` called, the built memory freed. Everything from ``create`` to
+    ``register`` runs under the slot's lock, so the context cannot be destroyed meanwhile;
+    a slot that close already destroyed is refused (SessionClosedError) before ``create``.
+    """
+    memory: Optional[Memory] = None
+    try:
+        with slot:
+            slot.check_live()
+            handle = create(slot.ctx)
+            try:
+                memory = build(handle)
+            except BaseException:
+                ops.destroy_mem(slot.ctx, handle)
+                raise
+            if register is not None:
+                try:
+                    register(memory)
+                except BaseException:
+                    memory.free()  # at once: this thread holds the slot (its lock re-enters)
+                    raise
+            return memory
+    except BaseException:
+        if memory is None and release is not None:
+            release()
+        raise

@@ -150,6 +150,7 @@ class RknnWorker:
         if type(request) is BoundRun:
             return self._zero_copy.execute(request, self._index)
         with self._slot:
+            self._slot.check_live()  # closed under a worker that outlived it (exit)
             return self._run(request)
 
     def _run(self, request: Request) -> List[Any]:

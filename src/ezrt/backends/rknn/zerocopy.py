@@ -19,7 +19,7 @@ import numpy as np
 
 from ...errors import EzrtError, InvalidArgumentError, InvalidTypeError
 from .layout import NativeLayout
-from .memory import ContextSlot, DeviceOps, Memory
+from .memory import Memory, let_go
 from .values import IoSpec, RknnOrtValue, format_dims, type_name
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "DmabufHold",
     "ZeroCopyModel",
     "hold_dmabuf",
-    "import_held",
     "new_value",
     "parse_mem_flags",
     "parse_shape",
@@ -253,19 +252,11 @@ def value_from_dmabuf(
     return RknnOrtValue(zc.family, backend, spec, memory)
 
 
-def map_dmabuf(fd: int, size: int, offset: int) -> Tuple[int, mmap.mmap]:
-    """``dup`` the caller's fd and map it (upstream does the same): the value keeps its own
-    descriptor and mapping, whatever the caller does with theirs."""
+def _dup(fd: int) -> int:
     try:
-        owned = os.dup(fd)
+        return os.dup(fd)
     except OSError as exc:
         raise EzrtError(f"dup dma-buf fd failed: {exc}") from exc
-    try:
-        mapping = mmap.mmap(owned, size + offset, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    except (OSError, ValueError) as exc:
-        os.close(owned)
-        raise EzrtError(f"mmap dma-buf fd failed: {exc}") from exc
-    return owned, mapping
 
 
 class DmabufHold(NamedTuple):
@@ -278,26 +269,26 @@ class DmabufHold(NamedTuple):
 
     def release(self) -> None:
         """Let go of the hold (the import it was made for failed)."""
-        if self.mapping is not None:
-            self.mapping.close()
-        os.close(self.fd)
+        let_go(self.fd, self.mapping)
 
 
 def hold_dmabuf(fd: int, size: int, offset: int, virt_addr: Optional[int]) -> DmabufHold:
-    """Dup (and, without ``virt_addr``, map) the caller's dma-buf ``fd``."""
-    if virt_addr is None:
-        owned, mapping = map_dmabuf(fd, size, offset)
-        address = ctypes.addressof((ctypes.c_char * len(mapping)).from_buffer(mapping))
-        return DmabufHold(owned, mapping, address)
-    return DmabufHold(os.dup(fd), None, virt_addr)
-
-
-def import_held(ops: DeviceOps, slot: ContextSlot, held: DmabufHold, size: int, offset: int) -> Any:
-    """The runtime's handle for ``held`` imported into ``slot``'s context; on failure the
-    hold is released."""
+    """``dup`` the caller's dma-buf ``fd`` and, without ``virt_addr``, map it (upstream does
+    the same): the value keeps its own descriptor and mapping, whatever the caller does with
+    theirs. Nothing is kept if a step fails."""
+    owned = _dup(fd)
+    if virt_addr is not None:
+        return DmabufHold(owned, None, virt_addr)
+    mapping: Optional[mmap.mmap] = None
     try:
-        with slot:
-            return ops.import_fd(slot.ctx, held.fd, held.address, size, offset)
+        try:
+            mapping = mmap.mmap(
+                owned, size + offset, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        except (OSError, ValueError) as exc:
+            raise EzrtError(f"mmap dma-buf fd failed: {exc}") from exc
+        address = ctypes.addressof((ctypes.c_char * len(mapping)).from_buffer(mapping))
     except BaseException:
-        held.release()
+        let_go(owned, mapping)
         raise
+    return DmabufHold(owned, mapping, address)

@@ -12,6 +12,11 @@ through its :class:`~ezrt.backends.rknn.memory.ContextSlot`, so a worker packs i
 while another's inference runs. ``run`` takes inputs in the native shape (float32 for a
 float16 tensor is converted) and returns outputs in the native shape; bound runs
 (``run_with_iobinding``) go through the same workers and context.
+
+Values' memory is made by :func:`~ezrt.backends.rknn.memory.new_memory` and recorded in the
+session's :class:`~ezrt.backends.rknn.memory.Registry`, whose closing is the session's: a
+value made while another thread closes the session is freed by close, or refused and
+freed at once while the context still exists (the lock discipline is :mod:`..memory`'s).
 """
 
 from __future__ import annotations
@@ -19,8 +24,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
-import weakref
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -31,10 +34,10 @@ from ....options import SessionConfig
 from ...base import Backend, Request
 from ..container import companion_weight_path
 from ..layout import NativeLayout, dense_strides, span_bytes
-from ..memory import ContextSlot, Memory, describe_mem
+from ..memory import ContextSlot, Memory, Registry, describe_mem, new_memory
 from ..options import Rknpu3Config
 from ..values import IoSpec, RknnOrtValue
-from ..zerocopy import BoundRun, hold_dmabuf, import_held
+from ..zerocopy import BoundRun, DmabufHold, hold_dmabuf
 from . import abi
 
 __all__ = ["Rknpu3Backend"]
@@ -162,9 +165,9 @@ class Rknpu3Worker:
             outputs: List[Memory] = []
             try:
                 for spec in backend.zero_copy.inputs:
-                    inputs.append(backend.allocate(spec, 0, track=False))
+                    inputs.append(backend.allocate(spec, 0))
                 for spec in backend.zero_copy.outputs:
-                    outputs.append(backend.allocate(spec, 0, track=False))
+                    outputs.append(backend.allocate(spec, 0))
             except BaseException:
                 for memory in (*inputs, *outputs):
                     memory.free()
@@ -270,9 +273,8 @@ class Rknpu3Backend(Backend):
         self.config = config
         self.options = options
         self._given = dict(given_options or {})
-        self._closed = False
-        self._lock = threading.Lock()  # guards _closed and _memories
-        self._memories: weakref.WeakSet[Memory] = weakref.WeakSet()
+        #: The memory close frees (values' and workers'); closed = the session is closed.
+        self._registry = Registry()
         self.rt = abi.load_runtime(options.runtime_library)
         self._ops = _Ops(self.rt)
         weight_path = self._weight_path(model)
@@ -401,7 +403,7 @@ class Rknpu3Backend(Backend):
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._registry.closed
 
     def native_inputs(self) -> List[NodeArg]:
         """Same as the inputs (RKNPU3 reports native tensors only)."""
@@ -421,7 +423,7 @@ class Rknpu3Backend(Backend):
     # ------------------------------------------------------------------ memory
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._registry.closed:
             raise SessionClosedError("zero-copy I/O rejected: the session is closed")
 
     def _check_supported(self, spec: IoSpec) -> None:
@@ -432,71 +434,82 @@ class Rknpu3Backend(Backend):
                 "cannot hold"
             )
 
-    def allocate(self, spec: IoSpec, mem_flags: int, *, track: bool = True) -> Memory:
-        """NPU memory for one tensor (``rknn3_create_mem``)."""
+    def allocate(self, spec: IoSpec, mem_flags: int) -> Memory:
+        """NPU memory for one tensor (``rknn3_create_mem``), a value's or a worker's: close
+        frees both (a worker abandoned at exit may outlive close)."""
         self._check_supported(spec)
         if mem_flags & ~0x3:
             raise InvalidArgumentError(
                 f"RKNPU3 supports cacheable/non-cacheable memory flags only (got {mem_flags})"
             )
-        with self._lock:
-            self._check_open()
-        slot = self._slot
-        with slot:
+        self._check_open()
+
+        def create(ctx: int) -> Any:
             handle = self.rt.rknn3_create_mem(
-                slot.ctx, spec.alloc_bytes, int(spec.attr.core_id), mem_flags
+                ctx, spec.alloc_bytes, int(spec.attr.core_id), mem_flags
             )
-        if not handle:
-            raise EzrtError("RKNPU3 tensor memory allocation/import failed")
-        memory = self._adopt(handle, spec, None, None)
-        if track:
-            with self._lock:
-                self._memories.add(memory)
-        return memory
+            if not handle:
+                raise EzrtError("RKNPU3 tensor memory allocation/import failed")
+            return handle
+
+        return new_memory(
+            self._slot,
+            self._ops,
+            create,
+            lambda handle: self._adopt(handle, spec),
+            register=self._registry.add,
+        )
 
     def _adopt(
         self,
         handle: Any,
         spec: IoSpec,
-        owned: Optional[int],
-        mapping: Any,
-        where: Optional[Tuple[int, int, int]] = None,
+        held: Optional[DmabufHold] = None,
+        offset: int = 0,
     ) -> Memory:
+        """The :class:`Memory` of a new handle (it then owns ``held``); raises for memory
+        the CPU cannot use (the caller destroys the handle and lets ``held`` go)."""
         facts = self._ops.describe(handle)
         if not facts["virt_addr"] or facts["size"] < spec.layout.nbytes:
-            with self._slot:
-                self._ops.destroy_mem(self._slot.ctx, handle)
             raise EzrtError("RKNPU3 tensor memory is unmapped or too small")
+        if held is None:
+            return Memory(self._ops, self._slot, handle, size=facts["size"])
         return Memory(
             self._ops,
             self._slot,
             handle,
             size=facts["size"],
-            owned_fd=owned,
-            mapping=mapping,
-            dmabuf=owned is not None,
-            where=where,
+            owned_fd=held.fd,
+            mapping=held.mapping,
+            dmabuf=True,
+            where=(held.fd, held.address, offset),  # the caller's, not the runtime's echo
         )
 
     def import_dmabuf(
         self, spec: IoSpec, fd: int, size: int, offset: int, virt_addr: Optional[int]
     ) -> Memory:
         """The caller's dma-buf (``rknn3_create_mem_from_fd``); ezrt dups and maps the fd so
-        the value can be read and written from Python."""
+        the value can be read and written from Python (both are let go if the import fails)."""
         self._check_supported(spec)
         if size < int(spec.attr.aligned_size):
             raise InvalidArgumentError(
                 f"invalid or too-small dma-buf for RKNPU3 tensor '{spec.name}': {size} bytes, "
                 f"needs {int(spec.attr.aligned_size)}"
             )
-        with self._lock:
-            self._check_open()
+        self._check_open()
         held = hold_dmabuf(fd, size, offset, virt_addr)
-        handle = import_held(self._ops, self._slot, held, size, offset)
-        memory = self._adopt(handle, spec, held.fd, held.mapping, (held.fd, held.address, offset))
-        with self._lock:
-            self._memories.add(memory)
-        return memory
+
+        def create(ctx: int) -> Any:
+            return self._ops.import_fd(ctx, held.fd, held.address, size, offset)
+
+        return new_memory(
+            self._slot,
+            self._ops,
+            create,
+            lambda handle: self._adopt(handle, spec, held, offset),
+            release=held.release,
+            register=self._registry.add,
+        )
 
     # ------------------------------------------------------------------ running
 
@@ -519,6 +532,7 @@ class Rknpu3Backend(Backend):
             return array
 
         with slot:
+            slot.check_live()
             ins = tensors(inputs, True)
             outs = tensors(outputs, False)
             code = self.rt.rknn3_run(slot.ctx, ins, len(inputs), outs, len(outputs))
@@ -542,20 +556,19 @@ class Rknpu3Backend(Backend):
     def io_binding(self, session: Any) -> Any:
         from ..binding import RknnIOBinding
 
-        with self._lock:
-            self._check_open()
+        self._check_open()
         return RknnIOBinding(session, self)
 
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        """Free every value's memory, then destroy the context (after the workers)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            memories = list(self._memories)
-            self._memories = weakref.WeakSet()
+        """Free every value's memory, then destroy the context (after the workers).
+
+        A value made meanwhile on another thread is freed here, or refused and freed by its
+        factory while the context still exists (see :mod:`ezrt.backends.rknn.memory`)."""
+        memories = self._registry.close()
+        if memories is None:
+            return
         for memory in memories:
             memory.free()
         slot = self._slot
