@@ -4,7 +4,8 @@ callers against a hand-made pool, and peak memory against both, on the same mode
     python benchmarks/topology.py [--rounds 7] [--seconds 0.4] [--parts lone busy memory]
 
 ezrt runs with ``schedule`` over every CPU (the data-parallel setup; defaults otherwise:
-``lone_run="all_cores"``, ``share_weights=True``). Models, built here with onnx.helper:
+``lone_run="auto"``, which is ``"all_cores"`` with ezrt's own session options, and
+``share_weights=True``). Models, built here with onnx.helper:
 
 * ``demo_cnn``: the embedded demo CNN (~1 ms, small weights);
 * ``conv320``: a 320x320 conv net where intra-op threads help a lone call;

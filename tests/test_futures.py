@@ -207,6 +207,10 @@ async def _watched(calls, period=0.01):
     lateness = []
     stop = asyncio.Event()
     tick = asyncio.create_task(_ticker(stop, lateness, period))
+    # The ticker must be running before the first call: run_in_executor submits as it is
+    # called (inside gather's argument list), arun in the loop's next step. Started after
+    # the calls, the ticker would miss the executor's burst and see ezrt's.
+    await asyncio.sleep(2 * period)
     results = await asyncio.gather(*(call() for call in calls))
     stop.set()
     await tick
@@ -276,6 +280,7 @@ def test_event_loop_stays_on_time_through_a_1000_item_aimap(matmul_model, quiet_
     async def main(session):
         stop = asyncio.Event()
         tick = asyncio.create_task(_ticker(stop, lateness))
+        await asyncio.sleep(0.02)  # the ticker is running before the stream starts
         count = 0
         async for out in session.aimap(({"x": x} for _ in range(1000)), max_in_flight=8):
             count += out[0].shape == (256, 256)
