@@ -204,12 +204,18 @@ def _run_async_rate(session: Any, feed: Any, seconds: float) -> float:
     return submitted / (time.perf_counter() - started)
 
 
+#: A pause between contenders: the intra-op threads of the one before (stock ONNX Runtime's
+#: or ezrt's) may still spin for a moment after its last run, taking a core from the next.
+QUIET = 0.05
+
+
 def _rounds(contenders: Dict[str, Callable[[], float]], rounds: int) -> Dict[str, float]:
     for contender in contenders.values():
         contender()  # warm-up
     rates: Dict[str, List[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, contender in contenders.items():
+            time.sleep(QUIET)
             rates[name].append(contender())
     return {name: statistics.median(values) for name, values in rates.items()}
 

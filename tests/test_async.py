@@ -476,6 +476,58 @@ def test_an_idle_core_never_waits_behind_a_busy_one(add_model, faults):
 
 
 @two_cpus
+def test_a_lone_caller_stays_on_one_worker_and_a_burst_still_spreads(add_model, faults):
+    # Round robin starts from the first core whenever the engine is idle: a submit-and-wait
+    # loop keeps one worker (its lone runs use every core; alternating workers would wake
+    # each on a core the last run's threads still hold), and a burst uses every core.
+    where: list = []
+    faults.delay = lambda inputs: where.append(threading.current_thread().name) and 0.0
+    cores = allowed_cpus()[:2]
+    with session_for(add_model, schedule=cores) as session:
+        for _ in range(6):
+            session.submit(None, [ones(), ones()]).result(WAIT)
+        assert where == [where[0]] * 6 and where[0].endswith(f"-core{cores[0]}"), where
+        where.clear()
+        faults.close_gate()
+        burst = [session.submit(None, [ones(), ones()]) for _ in range(2)]
+        faults.wait_started(6 + 1)  # the six before, and the first of the burst
+        faults.open_gate()
+        for future in burst:
+            future.result(WAIT)
+    assert sorted(name.rsplit("-", 1)[1] for name in where) == sorted(f"core{c}" for c in cores)
+
+
+def test_run_callers_take_free_worker_places_on_their_own_threads(add_model, faults):
+    # Like a pool of sessions: as many run() callers as workers run on their own threads,
+    # with no hand-off; one more caller queues for a worker, which runs it.
+    where: list = []
+    faults.delay = lambda inputs: where.append(threading.current_thread().name) and 0.0
+    faults.close_gate()
+    results: list = []
+    with session_for(add_model, threads_per_core=2) as session:
+
+        def caller(i):
+            out = session.run(["sum"], [np.full((1, 4), i, np.float32), ones()])
+            results.append(out[0][0, 0])
+
+        callers = [threading.Thread(target=caller, args=(i,), name=f"caller-{i}") for i in range(3)]
+        for thread in callers[:2]:
+            thread.start()
+        faults.wait_started(2)  # both run now, each on its own thread
+        callers[2].start()
+        faults.wait_started(1)  # the third found both places taken: a worker runs it
+        stats = session.stats()
+        faults.open_gate()
+        for thread in callers:
+            thread.join(WAIT)
+    assert sorted(results) == [1.0, 2.0, 3.0]
+    callers_ran, workers_ran = sorted(where)[:2], sorted(where)[2:]
+    assert callers_ran == ["caller-0", "caller-1"], where
+    assert len(workers_ran) == 1 and workers_ran[0].startswith("ezrt-worker"), where
+    assert stats.running == 3
+
+
+@two_cpus
 def test_least_loaded_policy_routes_around_a_busy_core(add_model, faults):
     collector = Collector()
     release = threading.Event()

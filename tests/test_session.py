@@ -137,15 +137,19 @@ def test_tp_mode_cores_must_be_usable(add_model):
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs Linux affinity")
 def test_schedule_pins_each_worker_to_its_cpu(add_model):
     seen = {}
-    real = ezrt.backends.onnxruntime.OrtWorker.run
+    worker = ezrt.backends.onnxruntime.OrtWorker
 
-    def spy(self, request):
-        seen[threading.current_thread().name] = os.sched_getaffinity(0)
-        return real(self, request)
+    def spy(real):
+        def run(self, request):
+            seen[threading.current_thread().name] = os.sched_getaffinity(0)
+            return real(self, request)
+
+        return run
 
     cores = allowed_cpus()[:2]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ezrt.backends.onnxruntime.OrtWorker, "run", spy)
+        patch.setattr(worker, "run", spy(worker.run))  # a task among others
+        patch.setattr(worker, "_alone", spy(worker._alone))  # a task finding the engine idle
         with ezrt.InferenceSession(
             add_model, provider_options={"schedule": cores, "max_queue_size": 8}
         ) as session:
@@ -162,6 +166,25 @@ def test_schedule_pins_each_worker_to_its_cpu(add_model):
     assert len(workers) == len(cores)
     # the lone run() ran on the caller's own thread, which ezrt never pins
     assert seen[threading.current_thread().name] == set(allowed_cpus())
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or not {0, 1} <= set(allowed_cpus()),
+    reason="needs Linux affinity and CPUs 0 and 1",
+)
+def test_tp_mode_pins_onnxruntime_pool_threads_to_the_cpus_it_names(add_model):
+    # tp_mode "0,1": the worker runs on CPUs 0-1 and ORT's one pool thread on CPU 1 (ORT
+    # numbers processors from 1: an id written 0-based would put it on CPU 0, beside the
+    # worker's own share of the work).
+    before = set(os.listdir("/proc/self/task"))
+    with ezrt.InferenceSession(add_model, provider_options={"tp_mode": "0,1"}) as session:
+        session.run(["sum"], [ones(), ones()])
+        started = set(os.listdir("/proc/self/task")) - before
+        affinities = [os.sched_getaffinity(int(tid)) for tid in started]
+        workers = [t for t in threading.enumerate() if t.name.startswith("ezrt-worker")]
+        worker_cpus = [os.sched_getaffinity(t.native_id) for t in workers]
+    assert worker_cpus == [{0, 1}]
+    assert affinities.count({1}) == 1 and {0} not in affinities, affinities
 
 
 def test_providers_onnxruntime_cannot_use_are_warned_about_and_dropped(add_model):

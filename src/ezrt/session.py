@@ -268,7 +268,12 @@ class InferenceSession(ForwardedMethods):
     def run(
         self, output_names: Optional[Sequence[str]], input_feed: Any, run_options: Any = None
     ) -> List[np.ndarray]:
-        """Run one inference on a worker and wait for it, like ``onnxruntime`` ``run``.
+        """Run one inference and wait for it, like ``onnxruntime`` ``run``.
+
+        On ONNX Runtime, when nothing is queued and fewer tasks run than there are workers,
+        the inference runs on the calling thread (a worker's place, with no hand-off; on
+        every scheduled core when the session is idle, see ``lone_run``); otherwise it
+        queues for a worker.
 
         With ``run_options={"ztu_modelrt_dispatch_batch": True}`` (or that ``RunOptions``
         config entry) every input's axis 0 is a batch: each sample runs as its own task,
@@ -283,8 +288,8 @@ class InferenceSession(ForwardedMethods):
         engine.assert_may_block("run")
         request = Request(inputs, selection.fetch, ort_options)
         lone = self._lone
-        if lone is not None:  # every worker idle: run here, with no thread hop
-            ran, result = engine.run_inline(request, lone.run_alone or lone.run)
+        if lone is not None:  # a worker's place is free: run here, with no thread hop
+            ran, result = engine.run_inline(request, lone.run, lone.run_alone)
             if ran:
                 return selection.arrange(result)
         outcome = Outcome()

@@ -123,8 +123,9 @@ class Backend:
         return self.output_args()
 
     def lone_runner(self) -> Any:
-        """A runner for a waiting caller's task on the caller's own thread when the workers
-        are idle (None: every task goes to a worker)."""
+        """A runner for a waiting caller's task on the caller's own thread when a worker's
+        place is free (None: every task goes to a worker). Its ``run_alone``, if any, is
+        used when the engine is idle."""
         return None
 
     def make_batcher(self) -> Any:

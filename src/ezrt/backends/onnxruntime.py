@@ -46,6 +46,10 @@ _SHARING_ENTRIES = (
     ("session.disable_prepacking", "1"),
     ("session.use_env_allocators", "1"),
 )
+#: The lone-run session's pool threads spin for at most 1 ms after their work, then sleep:
+#: long enough to bridge the gaps between a run's parallel sections and between the runs of
+#: a caller's loop, short enough to hand the cores back to the workers soon after a lone run.
+_WIDE_SPIN = ("session.intra_op.spin_duration_us", "1000")
 _env_arena_lock = threading.Lock()
 _env_arena = False  # registered in this process
 
@@ -260,8 +264,9 @@ class OrtBackend(Backend):
                 f"CPUs {_ranges(cpus)}"
             )
         self._pins[None] = cores if _CAN_PIN else None
-        # ORT pins its pool threads (not the calling thread, which is the worker).
-        affinities = ";".join(str(core) for core in cores[1:]) if _CAN_PIN else None
+        # ORT pins its pool threads (not the calling thread, which is the worker); it counts
+        # logical processors from 1 ("Processor id must start from 1"), so CPU n is n + 1.
+        affinities = ";".join(str(core + 1) for core in cores[1:]) if _CAN_PIN else None
         return len(cores), affinities or None
 
     def _session_options(self) -> Any:
@@ -299,9 +304,8 @@ class OrtBackend(Backend):
         with self._lock:
             options = self._session_options() if needs_options else arguments.sess_options
             if wide and arguments.sess_options is None:
-                # Its pool threads stop spinning when a run ends: the workers' next runs get
-                # the cores at once (a session of the caller's is left as it was given).
-                options.add_session_config_entry("session.force_spinning_stop", "1")
+                # A session of the caller's is left as it was given.
+                self._configure_wide(options)
             saved = None
             if intra is not None:
                 saved = (options.intra_op_num_threads, options.inter_op_num_threads)
@@ -316,6 +320,17 @@ class OrtBackend(Backend):
             finally:
                 if saved is not None:
                     options.intra_op_num_threads, options.inter_op_num_threads = saved
+
+    def _configure_wide(self, options: Any) -> None:
+        """The lone-run session's pool threads: brief spinning, and kept on the scheduled
+        CPUs. Each may run on any of them (pinning each to one CPU measured slower: when a
+        worker starts a task beside a lone run, the pool thread can no longer move away)."""
+        options.add_session_config_entry(*_WIDE_SPIN)
+        cores = sorted(set(self.config.schedule or ()) - {None})
+        if _CAN_PIN and len(cores) > 1:
+            anywhere = ",".join(str(core + 1) for core in cores)  # ORT counts CPUs from 1
+            pins = ";".join([anywhere] * (len(cores) - 1))  # one entry per pool thread
+            options.add_session_config_entry("session.intra_op_thread_affinities", pins)
 
     def _lone_runs_wide(self) -> bool:
         """Whether lone tasks get every scheduled core (``lone_run``, see the README).
@@ -369,8 +384,8 @@ class OrtBackend(Backend):
         options.inter_op_num_threads = 1
         for key, value in _SHARING_ENTRIES:
             options.add_session_config_entry(key, value)
-        if intra > 1:  # spin briefly, then sleep: a lone run's pool stops taking cores
-            options.add_session_config_entry("session.intra_op.spin_duration_us", "1000")
+        if intra > 1:
+            self._configure_wide(options)
         for path in self.config.custom_op_paths:
             self._register_custom_ops(options, path)
         weights = self.shared_weights.weights
@@ -448,9 +463,9 @@ class OrtBackend(Backend):
         return list(self.master.get_outputs())
 
     def lone_runner(self) -> OrtWorker:
-        """Runs a waiting caller's task on its own thread when every worker is idle: on the
-        wide session if there is one, else on the session holding the weights."""
-        return OrtWorker(self.wide or self.master, direct=self.device == CPU)
+        """Runs a waiting caller's task on its own thread when a worker's place is free: on
+        the workers' session, or on the wide session (if any) when the engine is idle."""
+        return OrtWorker(self.master, direct=self.device == CPU, alone=self.wide)
 
     def make_worker(self, core: Optional[int], slot: int) -> OrtWorker:
         """Called in the worker's own thread: pin it, then give it its session."""

@@ -138,6 +138,7 @@ class Engine:
             self._depths,
         )
         self._live = Liveness()
+        self._workers_count = n_workers
         self._delivery = Delivery(
             config.name,
             config.sequential,
@@ -230,21 +231,30 @@ class Engine:
             self._deadlines.arm(task)
         return task
 
-    def run_inline(self, payload: Any, run: Callable[[Any], Any]) -> Tuple[bool, Any]:
-        """Run a waiting caller's task on its own thread when the engine is idle (nothing
-        running, nothing queued): (True, result), or (False, None) when it is not idle and
-        the task must be submitted. No thread hop for a lone ``run``; its failure is raised.
+    def run_inline(
+        self,
+        payload: Any,
+        run: Callable[[Any], Any],
+        run_alone: Optional[Callable[[Any], Any]] = None,
+    ) -> Tuple[bool, Any]:
+        """Run a waiting caller's task on its own thread when a worker's place is free
+        (nothing queued, fewer tasks running than there are workers): (True, result), or
+        (False, None) when the task must be submitted. No thread hop for a ``run``; its
+        failure is raised. With the engine idle it runs on ``run_alone`` when given.
 
         An inline run counts as running while it lasts (``stats().running``; a worker
-        starting meanwhile does not take the whole machine), and as completed or failed.
+        starting meanwhile does not take the whole machine, and callers beyond the number
+        of workers queue for them), and as completed or failed.
         """
         if self.forked:
             self._check_usable()
         dispatch, running = self._dispatch, self._running
         key = -threading.get_ident()  # beside the workers' indices (0, 1, ...)
         with dispatch.lock:
-            if dispatch.closed or running or any(dispatch.queues):
+            if dispatch.closed or len(running) >= self._workers_count or any(dispatch.queues):
                 return False, None
+            if not running and run_alone is not None:
+                run = run_alone
             running[key] = INLINE
             dispatch.submitted += 1
         started = time.monotonic()
