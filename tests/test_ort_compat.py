@@ -424,7 +424,7 @@ def test_a_library_switched_on_by_the_patch_gives_identical_results(add_model, t
         )
         answers[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     assert answers["plain"]["kind"].startswith("onnxruntime")
-    assert answers["patched"]["kind"] == "ezrt.compat"
+    assert answers["patched"]["kind"] == "ezrt.patch"
     assert answers["plain"]["sum"] == answers["patched"]["sum"]
 
 

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from ezrt.backends.rknn import boardcheck
+from ezrt import boardcheck
 
 from .rknn_double.harness import WEIGHTS, doubles, fake_model, fake_rknx, needs_cc, npu, npu3
 

@@ -40,11 +40,11 @@ if TYPE_CHECKING:
         make_rknpu2_provider_options,
         make_rknpu3_provider_options,
     )
-    from .compat import OrtPatch, patch_onnxruntime
     from .engine.metrics import LatencyHistogram, SessionStats
     from .io import ModelMetadata, NodeArg
     from .options import ProviderOptions, RknnProviderOptions, make_provider_options
     from .ortvalue import IOBinding, OrtValue, SessionIOBinding
+    from .patch import OrtPatch, patch_onnxruntime
     from .session import InferenceSession
 
 #: ezrt's names that load their module on first use: ``import ezrt`` stays light (no numpy,
@@ -62,8 +62,8 @@ _LAZY: Dict[str, str] = {
     "make_rknpu3_provider_options": ".backends.rknn.options",
     "LatencyHistogram": ".engine.metrics",
     "SessionStats": ".engine.metrics",
-    "OrtPatch": ".compat",
-    "patch_onnxruntime": ".compat",
+    "OrtPatch": ".patch",
+    "patch_onnxruntime": ".patch",
     "IOBinding": ".ortvalue",
     "OrtValue": ".ortvalue",
     "SessionIOBinding": ".ortvalue",
@@ -77,6 +77,7 @@ SUBMODULES = frozenset(
         "aio",
         "backends",
         "bench",
+        "boardcheck",
         "cli",
         "compat",
         "completion",
@@ -86,6 +87,7 @@ SUBMODULES = frozenset(
         "metrics",
         "options",
         "ortvalue",
+        "patch",
         "session",
         "streaming",
     }

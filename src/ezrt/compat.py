@@ -9,8 +9,8 @@ scheduling. This room holds what that takes, so that the session itself stays th
   instance of ORT's own class *and* of ezrt's hierarchy, with ORT's text;
 * the session methods ezrt adds nothing to (:class:`ForwardedMethods`), forwarded to the
   ORT session that holds the weights;
-* switching ezrt on without editing a library: :func:`patch_onnxruntime` and the
-  ``EZRT_PROVIDER_OPTIONS`` environment variable.
+* default ezrt options for sessions built by a library: the ``EZRT_PROVIDER_OPTIONS``
+  environment variable (:func:`ezrt.patch_onnxruntime`, in ``patch.py``, sets them in code).
 
 The rule for ``provider_options`` (README, "How ezrt reads the constructor"):
 
@@ -43,11 +43,9 @@ __all__ = [
     "ORT_KWARGS",
     "ForwardedMethods",
     "OrtArguments",
-    "OrtPatch",
     "ort",
     "ort_error",
     "ort_session_class",
-    "patch_onnxruntime",
     "read_ort_arguments",
 ]
 
@@ -289,58 +287,6 @@ class ForwardedMethods:
 for _name in FORWARDED:
     setattr(ForwardedMethods, _name, _forward(_name))
 del _name
-
-
-# ---------------------------------------------------------------------- switching ezrt on
-
-
-class OrtPatch:
-    """While active, ``onnxruntime.InferenceSession`` builds ezrt sessions.
-
-    Returned by :func:`patch_onnxruntime`; ``undo()`` (or leaving the ``with`` block)
-    restores ONNX Runtime's own class. Patches nest: each undo restores what it replaced.
-    """
-
-    def __init__(self, session_class: type, replaced: Any) -> None:
-        self.session_class = session_class
-        self._replaced = replaced
-        self.active = True
-
-    def undo(self) -> None:
-        """Put back what ``onnxruntime.InferenceSession`` was before (idempotent)."""
-        if self.active:
-            ort().InferenceSession = self._replaced
-            self.active = False
-
-    def __enter__(self) -> OrtPatch:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.undo()
-
-
-def patch_onnxruntime(**provider_options: Any) -> OrtPatch:
-    """Make ``onnxruntime.InferenceSession(...)`` build ezrt sessions with these options.
-
-    For libraries that build their own sessions: call it before the library creates them
-    (a library that did ``from onnxruntime import InferenceSession`` before the patch keeps
-    ORT's class). ``provider_options`` are ``make_provider_options`` keywords; a call that
-    passes its own ezrt options (a dict ``provider_options``) keeps them. ``undo()``
-    restores ONNX Runtime's class; ``with ezrt.patch_onnxruntime(...):`` works too.
-    The options apply where the call itself gives no ezrt options, before
-    ``EZRT_PROVIDER_OPTIONS``.
-    """
-    options = dict(make_provider_options(**provider_options))
-    from .session import InferenceSession
-
-    class PatchedInferenceSession(InferenceSession):
-        __doc__ = InferenceSession.__doc__
-        default_options = options
-
-    module = ort()
-    patch = OrtPatch(PatchedInferenceSession, module.InferenceSession)
-    module.InferenceSession = PatchedInferenceSession
-    return patch
 
 
 def reexported(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""A check to run on a Rockchip board: ``python -m ezrt.backends.rknn.boardcheck MODEL``.
+"""A check to run on a Rockchip board: ``python -m ezrt.boardcheck MODEL``.
 
 It opens the model on the NPU, runs it through the copy path and through zero copy (both
 ``zero_copy_layout`` modes on RKNPU2) with the same inputs, compares the outputs, then runs
@@ -38,7 +38,7 @@ def _inputs(session: Any, rng: np.random.Generator) -> Dict[str, np.ndarray]:
 
 
 def _bound(session: Any, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
-    from ...ortvalue import OrtValue
+    from .ortvalue import OrtValue
 
     binding = session.io_binding()
     device = session._backend.zero_copy.family
@@ -70,7 +70,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the board check; returns the exit status."""
     import ezrt
 
-    parser = argparse.ArgumentParser(prog="python -m ezrt.backends.rknn.boardcheck")
+    parser = argparse.ArgumentParser(prog="python -m ezrt.boardcheck")
     parser.add_argument("model", help="an .rknn (RKNPU2) or RKNX (RKNPU3) model")
     parser.add_argument("--schedule", default="0,1,2", help="NPU cores for the worker step")
     parser.add_argument("--runs", type=int, default=30, help="inferences per step")
