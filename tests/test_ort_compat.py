@@ -400,10 +400,15 @@ LIBRARY = textwrap.dedent(
     if sys.argv[2] == "patched":
         import ezrt
         ezrt.patch_onnxruntime(threads_per_core=2)
+    elif sys.argv[2] == "environment":  # the options come from EZRT_PROVIDER_OPTIONS
+        import ezrt
+        ezrt.patch_onnxruntime()
     library = Library(model)
     one = np.ones((1, 4), np.float32)
     kind = type(library.session).__module__
-    print(json.dumps({"kind": kind, "sum": library(one, one).tolist()}))
+    engine = getattr(library.session, "_engine", None)
+    workers = engine.worker_count if engine is not None else None
+    print(json.dumps({"kind": kind, "workers": workers, "sum": library(one, one).tolist()}))
     """
 )
 
@@ -414,18 +419,22 @@ def test_a_library_switched_on_by_the_patch_gives_identical_results(add_model, t
     script = tmp_path / "library.py"
     script.write_text(LIBRARY)
     answers = {}
-    for mode in ("plain", "patched"):
+    environment = {**os.environ, "EZRT_PROVIDER_OPTIONS": json.dumps({"threads_per_core": 3})}
+    for mode in ("plain", "patched", "environment"):
         done = subprocess.run(
             [sys.executable, str(script), str(model), mode],
             capture_output=True,
             text=True,
             timeout=120,
             check=True,
+            env=environment,
         )
         answers[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     assert answers["plain"]["kind"].startswith("onnxruntime")
-    assert answers["patched"]["kind"] == "ezrt.patch"
-    assert answers["plain"]["sum"] == answers["patched"]["sum"]
+    assert answers["patched"]["kind"] == answers["environment"]["kind"] == "ezrt.patch"
+    assert answers["patched"]["workers"] == 2  # the patch's own options win over the variable
+    assert answers["environment"]["workers"] == 3
+    assert answers["plain"]["sum"] == answers["patched"]["sum"] == answers["environment"]["sum"]
 
 
 # ---------------------------------------------------------------- the module

@@ -51,9 +51,12 @@ def patch_onnxruntime(**provider_options: Any) -> OrtPatch:
     passes its own ezrt options (a dict ``provider_options``) keeps them. ``undo()``
     restores ONNX Runtime's class; ``with ezrt.patch_onnxruntime(...):`` works too.
     The options apply where the call itself gives no ezrt options, before
-    ``EZRT_PROVIDER_OPTIONS``.
+    ``EZRT_PROVIDER_OPTIONS``; called without keywords, the sessions take their options from
+    ``EZRT_PROVIDER_OPTIONS`` (when set) as ezrt's own do, so the options of a deployed
+    application can change without editing it.
     """
-    options = dict(make_provider_options(**provider_options))
+    # Without keywords the patched sessions read EZRT_PROVIDER_OPTIONS, as ezrt's own do.
+    options = dict(make_provider_options(**provider_options)) if provider_options else None
 
     class PatchedInferenceSession(InferenceSession):
         __doc__ = InferenceSession.__doc__
