@@ -201,7 +201,9 @@ def test_nc1hwc2_both_directions_against_loops(n, c, h, w, c2, w_pad, dtype):
     layout.write(memoryview(buffer), x)
     got = np.frombuffer(buffer, dtype).reshape(packed.shape)
     np.testing.assert_array_equal(got, packed)  # gaps stay as they were (zero here)
-    np.testing.assert_array_equal(layout.read(memoryview(buffer)), x)
+    read = layout.read(memoryview(buffer))
+    np.testing.assert_array_equal(read, x)
+    assert not np.shares_memory(read, np.frombuffer(buffer, np.uint8))  # a copy, always
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
@@ -235,7 +237,10 @@ def test_strided_nhwc_against_loops(h, w, c, w_pad, logical_nhwc):
     np.testing.assert_array_equal(
         np.frombuffer(buffer, np.float32).reshape(expected.shape), expected
     )
-    np.testing.assert_array_equal(layout.read(memoryview(buffer)), logical)
+    read = layout.read(memoryview(buffer))
+    np.testing.assert_array_equal(read, logical)
+    # a copy, always: even where the native layout needs no transposing (h = w = 1, c = 1)
+    assert not np.shares_memory(read, np.frombuffer(buffer, np.uint8))
 
 
 def test_dense_strides_and_too_small_buffers():

@@ -126,7 +126,10 @@ class NativeLayout:
             nchw = nc1hwc2_to_nchw(native, c)[:n, :, :h, :w]
         else:
             return np.array(native, copy=True, order="C")
-        return np.ascontiguousarray(self._from_nchw(nchw))
+        # Always a copy: for some shapes (h = w = 1, or c = 1) the native view needs no
+        # transposing and is contiguous already, and ``ascontiguousarray`` would hand the
+        # caller a view of NPU memory that the next run overwrites and close frees.
+        return np.array(self._from_nchw(nchw), copy=True, order="C")
 
     def write(self, buffer: memoryview, array: np.ndarray) -> None:
         """Write a logical array (already of ``logical`` shape and ``dtype``) into place;
