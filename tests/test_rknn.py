@@ -54,6 +54,15 @@ def session(model: bytes, **options) -> ezrt.InferenceSession:
 # ---------------------------------------------------------------- recognition, info, loading
 
 
+def test_unknown_keyword_arguments_are_a_type_error_on_rknn_too(npu):
+    # Upstream 0.11 ignores them, so a misspelt keyword vanishes without a word.
+    with pytest.raises(TypeError, match="unexpected keyword argument 'provider_option'"):
+        ezrt.InferenceSession(IMAGE, provider_option={"schedule": [0]})
+    # use_weight_from is the one keyword an RKNN session takes
+    with session(IMAGE) as fine, ezrt.InferenceSession(IMAGE, use_weight_from=fine) as shared:
+        assert shared.get_providers() == fine.get_providers()
+
+
 def test_rknn_models_are_recognised_by_their_bytes(npu, tmp_path):
     path = tmp_path / "model.onnx"  # the name does not matter
     path.write_bytes(IMAGE)

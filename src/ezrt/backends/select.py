@@ -57,6 +57,11 @@ def open_backend(
     else:
         model, head = _load(path_or_bytes)
     if rknn.requests_rknn(providers) or rknn.model_family(head) is not None:
+        if kwargs:  # upstream ignores them silently: a misspelt option would vanish
+            raise InvalidTypeError(
+                "InferenceSession() got an unexpected keyword argument "
+                f"{sorted(kwargs)[0]!r} (an RKNN session takes use_weight_from only)"
+            )
         if provider_options is None:
             provider_options = defaults if defaults is not None else environment_options()
         opened: Backend = rknn.open_backend(
