@@ -49,11 +49,11 @@ class FeedBatcher:
         described = []
         for name in self._names:
             value = inputs.get(name)
-            if type(value) is not np.ndarray or value.ndim == 0:
+            if type(value) is not np.ndarray or not value.ndim:
                 return None
-            described.append((value.dtype.str, value.shape[1:]))
-        fetch = payload.fetch
-        return (None if fetch is None else tuple(fetch), tuple(described))
+            described.append(value.dtype)
+            described.append(value.shape[1:])
+        return (payload.fetch, *described)
 
     def size(self, payload: Any) -> int:
         return int(payload.inputs[self._names[0]].shape[0])
@@ -70,6 +70,11 @@ class FeedBatcher:
         for output in result:
             if not isinstance(output, np.ndarray) or output.ndim == 0 or len(output) != total:
                 raise ValueError("an output does not follow the batch axis")  # rerun alone
-        cuts = np.cumsum(sizes)[:-1]
-        per_output = [np.split(output, cuts, axis=0) for output in result]
-        return [[part.copy() for part in parts] for parts in zip(*per_output)]
+        per_task: List[List[np.ndarray]] = [[] for _ in sizes]
+        for output in result:
+            start = 0
+            for parts, size in zip(per_task, sizes):
+                stop = start + size
+                parts.append(output[start:stop].copy())  # owns its memory, as unbatched
+                start = stop
+        return per_task
