@@ -3,7 +3,8 @@ hand-made pool, on models with a free batch axis.
 
     python benchmarks/batching.py [--rounds 5] [--seconds 0.5]
 
-Two parts, each with its contenders interleaved round by round (medians):
+Two parts, each with its contenders interleaved round by round; a ratio is the median of
+the per-round ratios (``Measurement.ratio_to``):
 
 * the trivial Add model ([N, 4] + [N, 4]), every CPU, about 40 tasks in flight
   (``max_queue_size=32``): ezrt ``run_async`` unbatched and with ``max_batch_size`` 8 and
@@ -27,7 +28,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from ezrt import InferenceSession
 from ezrt.backends.onnxruntime import allowed_cpus
-from ezrt.bench import Contender, demo_model_path, ezrt_contender, naive_pool, run_rounds
+from ezrt.bench import (
+    Contender,
+    Measurement,
+    demo_model_path,
+    ezrt_contender,
+    naive_pool,
+    run_rounds,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import add_model
@@ -43,12 +51,14 @@ def free_batch(model: bytes) -> bytes:
     return proto.SerializeToString()
 
 
-def _report(title: str, results: Dict[str, object], baseline: str) -> None:
+def _report(title: str, results: Dict[str, Measurement], baseline: str) -> None:
     print(title)
-    base = results[baseline].median  # type: ignore[attr-defined]
+    base = results[baseline]
     for name, measurement in results.items():
-        median = measurement.median  # type: ignore[attr-defined]
-        print(f"  {name:34s} {median:10.1f} samples/s  x {baseline}  {median / base:5.2f}")
+        print(
+            f"  {name:34s} {measurement.median:10.1f} samples/s"
+            f"  x {baseline}  {measurement.ratio_to(base):5.2f}"
+        )
 
 
 def add_part(rounds: int, seconds: float) -> None:

@@ -13,6 +13,9 @@ its contenders interleaved round by round:
 * scaling: the demo CNN on every CPU; naive-pool (one thread per CPU calling its own
   session, nothing copied, nothing handed over), the floor and ezrt run_async.
 
+Ratios are medians of per-round ratios (each round runs every contender once, moments
+apart), and the floor and ezrt are driven by one identical loop and callback.
+
 ezrt's engine is built from the same C-level queues, so its gap to the floor is the Python
 it runs per task on top (validating the feed, ordering, statistics). The floor's gap to
 naive-pool is the price of the structure itself: on a machine whose every core runs a
@@ -37,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from ezrt import InferenceSession
 from ezrt.backends.onnxruntime import allowed_cpus
-from ezrt.bench import demo_model_path, ezrt_contender, make_feed, naive_pool, run_rounds
+from ezrt.bench import demo_model_path, make_feed, naive_pool, run_rounds
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from throughput import add_model, per_call_us, per_task_us
@@ -76,30 +79,37 @@ class FloorPipeline:
 
     def contender(self, feed: Dict[str, np.ndarray]) -> Callable[[float], int]:
         """Submit for ``duration`` seconds, wait for the last callback; return the count."""
+        return submit_loop(lambda callback: self.submit(feed, callback))
 
-        def run(duration: float) -> int:
-            lock, finished = threading.Lock(), threading.Event()
-            state = {"done": 0, "sent": -1}
 
-            def callback(outputs: Any, user_data: Any, err: str) -> None:
-                with lock:
-                    state["done"] += 1
-                    if state["done"] == state["sent"]:
-                        finished.set()
+def submit_loop(submit: Callable[[Callable[..., None]], None]) -> Callable[[float], int]:
+    """A contender that calls ``submit(callback)`` for ``duration`` seconds and waits for the
+    last callback. The floor and ezrt are driven by this same loop and callback, so the
+    harness costs both the same."""
 
-            sent = 0
-            end = time.perf_counter() + duration
-            while time.perf_counter() < end:
-                self.submit(feed, callback)
-                sent += 1
+    def run(duration: float) -> int:
+        lock, finished = threading.Lock(), threading.Event()
+        state = {"done": 0, "sent": -1}
+
+        def callback(outputs: Any, user_data: Any, err: str) -> None:
             with lock:
-                state["sent"] = sent
-                if state["done"] == sent:
+                state["done"] += 1
+                if state["done"] == state["sent"]:
                     finished.set()
-            finished.wait()
-            return sent
 
-        return run
+        sent = 0
+        end = time.perf_counter() + duration
+        while time.perf_counter() < end:
+            submit(callback)
+            sent += 1
+        with lock:
+            state["sent"] = sent
+            if state["done"] == sent:
+                finished.set()
+        finished.wait()
+        return sent
+
+    return run
 
 
 def one_thread_sessions(model: Any, n: int) -> List[Any]:
@@ -126,17 +136,22 @@ def scaling(rounds: int, seconds: float) -> None:
             {
                 f"naive-pool ({workers})": naive_pool(model, feed, workers),
                 f"floor ({workers} workers)": floor.contender(feed),
-                f"ezrt run_async ({workers} workers)": ezrt_contender(session, feed),
+                f"ezrt run_async ({workers} workers)": submit_loop(
+                    functools.partial(session.run_async, None, feed)
+                ),
             },
             rounds=rounds,
             seconds=seconds,
         )
     finally:
         session.close()
-    pool = results[f"naive-pool ({workers})"].median
+    pool = results[f"naive-pool ({workers})"]
+    floor_m = results[f"floor ({workers} workers)"]
     print(f"demo CNN, {workers} workers, queue 8, {rounds} rounds x {seconds:g} s, medians")
     for name, m in results.items():
-        print(f"  {name:<28} {m.median:8.1f}/s  x naive-pool {m.median / pool:5.2f}")
+        print(f"  {name:<28} {m.median:8.1f}/s  x naive-pool {m.ratio_to(pool):5.2f}")
+    ezrt_m = results[f"ezrt run_async ({workers} workers)"]
+    print(f"  ezrt x floor {ezrt_m.ratio_to(floor_m):5.2f} (target >= 0.97)")
 
 
 def overhead(rounds: int, tasks: int) -> None:
@@ -162,6 +177,10 @@ def overhead(rounds: int, tasks: int) -> None:
     for name, values in rows.items():
         unit = "us per call" if name == "raw run" else "us per task above raw"
         print(f"  {name:<16} {statistics.median(values):7.1f} {unit}")
+    for queue_size in (3, 32):
+        mine, floor_us = rows[f"ezrt, queue {queue_size}"], rows[f"floor, queue {queue_size}"]
+        ratio = statistics.median(e / f for e, f in zip(mine, floor_us))
+        print(f"  ezrt x floor, queue {queue_size}: {ratio:4.2f} (target <= 1.1)")
 
 
 def main() -> None:

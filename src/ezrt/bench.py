@@ -96,6 +96,13 @@ class Measurement:
     def median(self) -> float:
         return statistics.median(self.per_round) if self.per_round else 0.0
 
+    def ratio_to(self, baseline: Measurement) -> float:
+        """The median of the per-round ratios to ``baseline``. Rounds are interleaved, so
+        each ratio compares two contenders measured moments apart: steadier than the ratio
+        of the medians on a machine whose speed drifts from second to second."""
+        ratios = [mine / theirs for mine, theirs in zip(self.per_round, baseline.per_round)]
+        return statistics.median(ratios) if ratios else 0.0
+
 
 # A contender runs for ``duration`` seconds and returns the number of samples completed.
 Contender = Callable[[float], int]
