@@ -173,3 +173,47 @@ def test_a_lone_task_waits_for_company_only_with_a_timeout(free_add):
     waited = lone_task(300_000)
     assert waited >= 0.3
     assert lone_task(0) < waited / 3
+
+
+def test_feed_batcher_joins_and_cuts_tasks_of_mixed_sizes():
+    from ezrt.backends.base import Request
+    from ezrt.io.batch import FeedBatcher
+
+    batcher = FeedBatcher(["a", "b"], Request)
+    rng = np.random.default_rng(2)
+    sizes = [1, 3, 2]
+    payloads = [
+        Request({"a": rng.random((n, 4), np.float32), "b": rng.random((n, 4), np.float32)}, None)
+        for n in sizes
+    ]
+    assert len({batcher.key(p) for p in payloads}) == 1
+    assert [batcher.size(p) for p in payloads] == sizes
+    joined = batcher.combine(payloads)
+    assert joined.inputs["a"].shape == (6, 4)
+    outputs = [joined.inputs["a"] + joined.inputs["b"], joined.inputs["a"] * 2]
+    parts = batcher.split(outputs, sizes)
+    for payload, (total, double) in zip(payloads, parts):
+        np.testing.assert_array_equal(total, payload.inputs["a"] + payload.inputs["b"])
+        np.testing.assert_array_equal(double, payload.inputs["a"] * 2)
+        assert total.flags.owndata and double.flags.owndata  # as an unbatched run's
+    with pytest.raises(ValueError):
+        batcher.split([outputs[0][:5]], sizes)  # an output off the batch axis: rerun alone
+
+
+def test_feed_batcher_keys_tell_apart_what_cannot_share_a_run():
+    from ezrt.backends.base import Request
+    from ezrt.io.batch import FeedBatcher
+
+    batcher = FeedBatcher(["a"], Request)
+
+    def key(value, fetch=None, options=None):
+        return batcher.key(Request({"a": value}, fetch, options))
+
+    base = key(np.zeros((1, 4), np.float32))
+    assert key(np.zeros((5, 4), np.float32)) == base  # only axis 0 differs
+    assert key(np.zeros((1, 4), np.float64)) != base  # dtype
+    assert key(np.zeros((1, 4), ">f4")) != base  # byte order
+    assert key(np.zeros((1, 5), np.float32)) != base  # a trailing dim
+    assert key(np.zeros((1, 4), np.float32), ("sum",)) != base  # other outputs
+    assert key(np.zeros((1, 4), np.float32), None, ort.RunOptions()) is None
+    assert key(np.float32(1.0)) is None and key(np.array(1.0, np.float32)) is None
