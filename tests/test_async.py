@@ -11,6 +11,9 @@ import pytest
 
 import ezrt
 from ezrt.backends.onnxruntime import allowed_cpus
+from ezrt.engine import core as engine_core
+from ezrt.engine import workers as engine_workers
+from ezrt.engine.delivery import Delivery
 
 from .conftest import WAIT, Collector, ones
 
@@ -243,6 +246,72 @@ def test_at_most_eight_results_wait_for_the_callback(add_model):
     assert accepted == 1 + 1 + 8  # max_queue_size + workers + 8
     assert depths.undelivered == accepted and depths.queued == 0 and depths.running == 0
     assert calls == list(range(accepted))
+
+
+class _CountingDelivery(Delivery):
+    """The callback thread, counting the hand-overs it receives (tasks in each)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.handovers = []
+        put = self.put
+
+        def counted(item):
+            self.handovers.append(len(item) if type(item) is list else 1)
+            put(item)
+
+        self.put = counted
+
+
+@pytest.fixture
+def handovers(monkeypatch):
+    """Each new session's hand-overs to its callback thread, as [[tasks per hand-over]]."""
+    made = []
+
+    def make(*args, **kwargs):
+        delivery = _CountingDelivery(*args, **kwargs)
+        made.append(delivery.handovers)
+        return delivery
+
+    monkeypatch.setattr(engine_core, "Delivery", make)
+    return made
+
+
+def test_a_burst_of_tiny_tasks_reaches_the_callback_thread_in_few_hand_overs(
+    add_model, faults, handovers, monkeypatch
+):
+    monkeypatch.setattr(engine_workers, "HOLD_SECONDS", 60.0)  # only the count bounds a hold
+    collector = Collector()
+    with session_for(add_model, max_queue_size=32) as session:
+        faults.close_gate()
+        for i in range(20):  # the first runs (held at the gate), 19 wait in the queue
+            session.run_async(None, [ones(), ones()], collector, i)
+        faults.open_gate()
+        calls = collector.wait_for(20)
+    assert [user_data for _, user_data, _ in calls] == list(range(20))
+    # HOLD_MAX outcomes per hand-over, and the rest just before the worker waits.
+    assert handovers[0] == [8, 8, 4]
+
+
+def test_a_lone_result_is_handed_over_before_the_worker_waits(add_model, handovers, monkeypatch):
+    monkeypatch.setattr(engine_workers, "HOLD_SECONDS", 60.0)
+    collector = Collector()
+    with session_for(add_model) as session:
+        session.run_async(None, [ones(), ones()], collector, "alone")
+        assert collector.wait_for(1)[0][1] == "alone"  # not held back for company
+    assert handovers[0] == [1]
+
+
+def test_results_of_runs_longer_than_the_hold_are_never_held(add_model, faults, handovers):
+    faults.delay = lambda inputs: 0.002  # each run outlasts HOLD_SECONDS many times over
+    collector = Collector()
+    with session_for(add_model, max_queue_size=8) as session:
+        faults.close_gate()
+        for i in range(6):
+            session.run_async(None, [ones(), ones()], collector, i)
+        faults.open_gate()
+        collector.wait_for(6)
+    assert handovers[0] == [1] * 6
 
 
 # ---------------------------------------------------------------- exceptions, close, lifetime

@@ -1,9 +1,9 @@
 """The delivery ("callback") thread: completes delivered tasks, in submission order.
 
-Finished delivered tasks arrive on ``put`` (a ``SimpleQueue``); the thread takes every
-ready outcome per wake-up, restores submission order when ``sequential`` (it alone owns
-the reordering buffer), calls each task's completion and gives its stage token back once
-the callback has returned.
+Finished delivered tasks arrive on ``put`` (a ``SimpleQueue``), one by one or as a
+worker's list; the thread takes every ready outcome per wake-up, restores submission order
+when ``sequential`` (it alone owns the reordering buffer), calls each task's completion and
+gives its stage token back once the callback has returned.
 """
 
 from __future__ import annotations
@@ -19,6 +19,15 @@ from .task import Finished, report
 __all__ = ["WAKE", "Delivery"]
 
 WAKE = object()  # in the queue: the thread re-checks whether it may stop
+
+
+def _outcomes(arrived: List[Any]) -> List[Any]:
+    """The queue items with each worker's list of outcomes spread out, in order."""
+    if len(arrived) == 1 and type(arrived[0]) is list:
+        return arrived[0]  # the usual case: one worker's outcomes
+    if not any(type(item) is list for item in arrived):
+        return arrived
+    return [one for item in arrived for one in (item if type(item) is list else (item,))]
 
 
 class Delivery:
@@ -62,7 +71,7 @@ class Delivery:
             while not done.empty():  # this thread is the only consumer: get() cannot block
                 arrived.append(done.get())
             ready: List[Finished] = []
-            for item in arrived:
+            for item in _outcomes(arrived):
                 if item is WAKE:
                     continue
                 if not sequential or (item[0].seq == next_seq and not early):
