@@ -235,11 +235,14 @@ def _batch_loop(
             pacing.record((finished - started) / len(batch))
         if running.pop(index, None) is None:
             continue  # abandoned at interpreter exit: already reported failed
+        handed = []
         for task, (result, error) in zip(batch, outcomes):
             task.finished_at = finished
-            handed = finish(task, result, error, ledger)
-            if handed is not None:
-                deliver(handed)
+            outcome = finish(task, result, error, ledger)
+            if outcome is not None:
+                handed.append(outcome)
+        if handed:
+            deliver(handed)  # the batch's outcomes in one hand-over
 
 
 def _may_start(task: Task, ledger: Ledger, now: float, deliver: Callable[[Finished], None]) -> bool:
