@@ -11,8 +11,9 @@ Part 2 (engine overhead): a trivial two-input Add model, one worker; microsecond
 above raw onnxruntime run (a one-thread session in a loop), for streamed run_async at
 several queue bounds and for synchronous run. Target: <= 20 us per task for streaming.
 
-Every figure is the median over rounds; ratios compare contenders measured in the same
-rounds, because the speed of this kind of machine drifts by up to 2x within seconds.
+Every figure is the median over rounds; a ratio is the median of the per-round ratios
+(contenders measured moments apart), because the speed of this kind of machine drifts by
+up to 2x within seconds.
 """
 
 from __future__ import annotations
@@ -81,13 +82,13 @@ def scaling(rounds: int, seconds: float) -> None:
     finally:
         for session in sessions:
             session.close()
-    base = results["ort-sync-1t"].median
-    pool = results[f"naive-pool ({workers})"].median
+    base = results["ort-sync-1t"]
+    pool = results[f"naive-pool ({workers})"]
     for name, m in results.items():
         spread = f"[{min(m.per_round):.0f}..{max(m.per_round):.0f}]"
         print(
             f"  {name:<30} {m.median:8.1f}/s {spread:>14}"
-            f"  x1t {m.median / base:5.2f}  xpool {m.median / pool:5.2f}"
+            f"  x1t {m.ratio_to(base):5.2f}  xpool {m.ratio_to(pool):5.2f}"
         )
 
 
@@ -119,9 +120,9 @@ def streaming(rounds: int, seconds: float) -> None:
         )
     finally:
         session.close()
-    base = results["run_async + callback"].median
+    base = results["run_async + callback"]
     for name, m in results.items():
-        print(f"  {name:<22} {m.median:8.1f}/s  x run_async {m.median / base:5.2f}")
+        print(f"  {name:<22} {m.median:8.1f}/s  x run_async {m.ratio_to(base):5.2f}")
 
 
 def overhead(rounds: int, n: int) -> None:

@@ -12,7 +12,8 @@ ezrt runs with ``schedule`` over every CPU (the data-parallel setup; defaults ot
 * ``act640``: an activation-heavy 640x640 detector-like conv net;
 * ``weights128``: eight 2048x2048 MatMul layers, 128 MiB of weights, small activations.
 
-Parts (contenders interleaved round by round; medians):
+Parts (contenders interleaved round by round; medians, and ratios as medians of the
+per-round ratios):
 
 * lone: one caller in a loop; stock ``onnxruntime.InferenceSession`` with its default
   threading against ezrt's ``run``, ``submit(...).result()`` and ``await arun`` loops
@@ -209,7 +210,8 @@ def _run_async_rate(session: Any, feed: Any, seconds: float) -> float:
 QUIET = 0.05
 
 
-def _rounds(contenders: Dict[str, Callable[[], float]], rounds: int) -> Dict[str, float]:
+def _rounds(contenders: Dict[str, Callable[[], float]], rounds: int) -> Dict[str, List[float]]:
+    """Each contender's rate per round, the contenders interleaved round by round."""
     for contender in contenders.values():
         contender()  # warm-up
     rates: Dict[str, List[float]] = {name: [] for name in contenders}
@@ -217,13 +219,16 @@ def _rounds(contenders: Dict[str, Callable[[], float]], rounds: int) -> Dict[str
         for name, contender in contenders.items():
             time.sleep(QUIET)
             rates[name].append(contender())
-    return {name: statistics.median(values) for name, values in rates.items()}
+    return rates
 
 
-def _print(title: str, medians: Dict[str, float], baseline: str) -> None:
+def _print(title: str, rates: Dict[str, List[float]], baseline: str) -> None:
+    """Median rates, and ratios as the median of the per-round ratios to ``baseline``."""
     print(title)
-    for name, rate in medians.items():
-        print(f"  {name:36s} {rate:9.1f}/s  x {baseline}  {rate / medians[baseline]:4.2f}")
+    base = rates[baseline]
+    for name, mine in rates.items():
+        ratio = statistics.median(m / b for m, b in zip(mine, base))
+        print(f"  {name:36s} {statistics.median(mine):9.1f}/s  x {baseline}  {ratio:4.2f}")
 
 
 def _lone_contenders(path: str, seconds: float) -> Dict[str, Callable[[], float]]:
@@ -271,8 +276,8 @@ def _busy_contenders(path: str, seconds: float) -> Dict[str, Callable[[], float]
 
 def busy(models: Dict[str, str], rounds: int, seconds: float) -> None:
     for name, path in models.items():
-        medians = _rounds(_busy_contenders(path, seconds), rounds)
-        _print(f"busy callers, {name}, {rounds} rounds", medians, next(iter(medians)))
+        rates = _rounds(_busy_contenders(path, seconds), rounds)
+        _print(f"busy callers, {name}, {rounds} rounds", rates, next(iter(rates)))
 
 
 # ---------------------------------------------------------------------- memory
