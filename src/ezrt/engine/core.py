@@ -156,6 +156,7 @@ class Engine:
             reports=queue.SimpleQueue(),
             free_slot=self._admission.slots.give,
             running=self._running,
+            queues=self._dispatch.queues,
             deliver=self._delivery.put,
             pacing=self._dispatch.pacing,
             live=self._live,
