@@ -31,9 +31,11 @@ __all__ = ["Crew", "Runner", "RunnerFactory", "WorkerPool", "work"]
 #: A worker hands its finished outcomes to the callback thread before it waits, and before
 #: each run unless that run would likely end within ``HOLD_SECONDS`` of the oldest outcome it
 #: holds (judged by the last run's length), holding at most ``HOLD_MAX``. So a lone task's
-#: result is handed over at once, a model whose run takes longer is never held back, and a
+#: result is handed over at once, a model whose runs take longer never holds one back, and a
 #: tiny model's stream of results wakes the callback thread once per few tasks rather than
 #: for every one (each wake-up costs a few microseconds of GIL hand-over between cores).
+#: The bound: a held result waits at most ``HOLD_SECONDS`` plus one run, so a run far
+#: longer than the one before it (a much larger dynamic shape) delays the few results held.
 HOLD_SECONDS = 50e-6
 HOLD_MAX = 8
 
