@@ -568,8 +568,7 @@ def test_memory_made_while_the_session_closes_is_refused_and_freed(npu, monkeypa
     assert not closer.is_alive()
     os.close(fd)
     gc.collect()
-    assert npu.violations() == ""
-    assert npu["mems_live"] == 0 and npu["live"] == 0
+    npu.assert_clean()
     assert memfd_holds(name) == (0, 0)
 
 
@@ -732,7 +731,7 @@ def test_a_value_collected_while_close_frees_its_memory_does_not_deadlock(npu, w
     assert npu.violations() == ""
     assert memory.dead  # the finaliser freed it (its session is open, or close did)
     owner.close()
-    assert npu["mems_live"] == 0 and npu["live"] == 0
+    npu.assert_clean()
 
 
 def test_a_binding_keeps_its_session_alive_and_refuses_after_close(npu):

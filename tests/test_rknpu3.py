@@ -382,8 +382,7 @@ def test_memory_made_while_the_session_closes_is_refused_and_freed(
     assert not closer.is_alive()
     os.close(fd)
     gc.collect()
-    assert npu3.violations() == ""
-    assert npu3["mems_live"] == 0 and npu3["live"] == 0
+    npu3.assert_clean()
     assert memfd_holds(name) == (0, 0)
 
 
