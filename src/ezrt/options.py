@@ -332,15 +332,6 @@ def _parse_zero_copy_layout(value: object) -> str:
     return text.lower()
 
 
-def _parse_dispatch_policy(value: object) -> str:
-    text = _text("dispatch_policy", value).strip().lower()
-    if text not in _DISPATCH_POLICIES:
-        raise InvalidArgumentError(
-            f"dispatch_policy must be one of: {', '.join(_DISPATCH_POLICIES)} (got {value!r})"
-        )
-    return text
-
-
 def _parse_paths(name: str, value: object) -> List[str]:
     if isinstance(value, (str, os.PathLike)):
         return [os.fspath(value)]
@@ -406,12 +397,7 @@ def parse_provider_options(
         elif key in ("max_queue_size", "threads_per_core", "submit_timeout_ms"):
             most = MAX_THREADS_PER_CORE if key == "threads_per_core" else MAX_INT32
             values[key] = _positive(key, value, most)
-        elif key in (
-            "sequential_callbacks",
-            "enable_pacing",
-            "disable_dup_context",
-            "share_weights",
-        ):
+        elif key in _BOOLEAN_KEYS:
             values[key] = as_bool(key, value)
         elif key == "schedule":
             values["schedule"] = _parse_schedule(value)
@@ -422,7 +408,7 @@ def parse_provider_options(
         elif key in ("custom_op_default_path", "load_custom_ops_from_default_path"):
             values["custom_op_default_path"] = as_bool(key, value)
         elif key == "dispatch_policy":
-            values["dispatch_policy"] = _parse_dispatch_policy(value)
+            values["dispatch_policy"] = _one_of(key, value, _DISPATCH_POLICIES)
         elif key == "max_batch_size":
             values[key] = _positive(key, value, MAX_BATCH_SIZE)
         elif key == "batch_timeout_us":
