@@ -297,7 +297,7 @@ class OrtBackend(Backend):
         providers, provider_options = arguments.providers, arguments.provider_options
         if device_id is not None:
             providers, provider_options = _on_device(providers, provider_options, device_id)
-        intra = len(set(self.config.schedule or ())) if wide else self._intra
+        intra = len(self.config.routes) if wide else self._intra
         needs_options = (
             intra is not None or self._affinities is not None or self.config.custom_op_paths
         )
@@ -326,7 +326,7 @@ class OrtBackend(Backend):
         CPUs. Each may run on any of them (pinning each to one CPU measured slower: when a
         worker starts a task beside a lone run, the pool thread can no longer move away)."""
         options.add_session_config_entry(*_WIDE_SPIN)
-        cores = sorted(set(self.config.schedule or ()) - {None})
+        cores = [core for core in self.config.routes if core is not None]
         if _CAN_PIN and len(cores) > 1:
             anywhere = ",".join(str(core + 1) for core in cores)  # ORT counts CPUs from 1
             pins = ";".join([anywhere] * (len(cores) - 1))  # one entry per pool thread
@@ -340,7 +340,7 @@ class OrtBackend(Backend):
         little; with the caller's own SessionOptions it would hold a second copy of both.
         """
         config = self.config
-        if self.device != CPU or config.schedule is None or len(set(config.schedule)) < 2:
+        if self.device != CPU or config.schedule is None or len(config.routes) < 2:
             return False
         if config.lone_run == "auto":
             return self._arguments.sess_options is None
@@ -372,7 +372,7 @@ class OrtBackend(Backend):
         self._check_device()
         self._sessions = self._route_sessions()
         if self._lone_runs_wide():
-            self.wide = self._borrowing_session(len(set(self.config.schedule or ())))
+            self.wide = self._borrowing_session(len(self.config.routes))
         return True
 
     def _borrowing_session(self, intra: int) -> Any:
