@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import statistics
@@ -52,6 +53,9 @@ import onnxruntime as ort
 import ezrt
 from ezrt.backends.onnxruntime import allowed_cpus
 from ezrt.bench import demo_model_path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from engine_floor import submit_loop
 
 RNG = np.random.default_rng(0)
 
@@ -188,21 +192,9 @@ def _callers(call: Callable[[], Any], n: int, seconds: float) -> float:
 
 
 def _run_async_rate(session: Any, feed: Any, seconds: float) -> float:
-    done = [0]
-    lock = threading.Lock()
-
-    def callback(results: Any, user_data: Any, err: str) -> None:
-        with lock:
-            done[0] += 1
-
-    submitted, end = 0, time.perf_counter() + seconds
     started = time.perf_counter()
-    while time.perf_counter() < end:
-        session.run_async(None, feed, callback)
-        submitted += 1
-    while done[0] < submitted:
-        time.sleep(0.0005)
-    return submitted / (time.perf_counter() - started)
+    count = submit_loop(functools.partial(session.run_async, None, feed))(seconds)
+    return count / (time.perf_counter() - started)
 
 
 #: A pause between contenders: the intra-op threads of the one before (stock ONNX Runtime's
