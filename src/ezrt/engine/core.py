@@ -156,7 +156,7 @@ class Engine:
             reports=queue.SimpleQueue(),
             free_slot=self._admission.slots.give,
             running=self._running,
-            queues=self._dispatch.queues,
+            idle=self._dispatch.idle,
             deliver=self._delivery.put,
             pacing=self._dispatch.pacing,
             live=self._live,
@@ -254,7 +254,7 @@ class Engine:
         with dispatch.lock:
             if dispatch.closed or len(running) >= self._workers_count or any(dispatch.queues):
                 return False, None
-            if not running and run_alone is not None:
+            if run_alone is not None and dispatch.idle():
                 run = run_alone
             running[key] = INLINE
             dispatch.submitted += 1

@@ -118,6 +118,10 @@ class Dispatcher:
             self.bells[route].put(TOKEN)
         return True, None
 
+    def idle(self) -> bool:
+        """Nothing running and nothing queued on any route (a moment's figure)."""
+        return not self._running and not any(self.queues)
+
     def count_unqueued(self) -> None:
         """A task accepted without a queue (its deadline passed while it waited for room)."""
         with self.lock:
@@ -135,7 +139,7 @@ class Dispatcher:
         burst after an idle spell still spreads over every route from the first.
         """
         if not self._least_loaded:
-            if not self._running and not any(self.queues):
+            if self.idle():
                 self._rr_next = 0
             route = self._rr_routes[self._rr_next]
             self._rr_next = (self._rr_next + 1) % len(self._rr_routes)

@@ -81,7 +81,7 @@ class Crew:
     reports: queue.SimpleQueue[Optional[BaseException]]
     free_slot: Callable[[], None]  # give an admission slot back
     running: Dict[int, Any]  # a worker's task, or its batch
-    queues: List[Deque[Any]]  # every route's queue (a task is alone only if all are empty)
+    idle: Callable[[], bool]  # nothing running or queued anywhere (Dispatcher.idle)
     deliver: Callable[[Any], None]  # hand an outcome, or a list of them, to the delivery thread
     pacing: Optional[Pacing]
     live: Liveness
@@ -132,7 +132,7 @@ def _loop(
     record_wait, record_compute = ledger.queue_wait.add, ledger.compute.add
     run = runner.run
     run_alone = getattr(runner, "run_alone", None)
-    queues = crew.queues
+    idle = crew.idle
     monotonic = time.monotonic
     # Delivered outcomes not yet handed to the callback thread (see the module docstring),
     # the oldest finished at ``held_since``; ``last_run``: how long the last run took.
@@ -167,7 +167,7 @@ def _loop(
                     continue
             # Alone (nothing else running or queued anywhere): the whole machine is this
             # task's. A task waiting on another route means that route's worker is waking.
-            alone = run_alone is not None and not running and not any(queues)
+            alone = run_alone is not None and idle()
             running[index] = task
             if held and (len(held) >= HOLD_MAX or started - held_since + last_run >= HOLD_SECONDS):
                 deliver(held)
